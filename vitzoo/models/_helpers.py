@@ -1,0 +1,79 @@
+"""Checkpoint helpers shared by the vitzoo model files."""
+from typing import Dict, Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+__all__ = ['CheckpointError', 'unwrap_state_dict', 'check_state_dict']
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not fit the model: names the key, the checkpoint shape and the expected shape."""
+
+
+def unwrap_state_dict(checkpoint: Dict, use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """Return the tensor dict of an official/training checkpoint, without DDP ``module.`` prefixes.
+
+    Accepts a plain state_dict or one nested under ``model`` / ``state_dict`` / ``model_ema`` / ``state_dict_ema``
+    (the official Agent-Attention checkpoints use ``{'model': ...}``, CSwin EMA ones add ``state_dict_ema``).
+
+    Args:
+        checkpoint: What ``torch.load`` returned.
+        use_ema: Prefer the EMA weights when both are present.
+    """
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f'expected a dict checkpoint, got {type(checkpoint).__name__}')
+    order = ('state_dict_ema', 'model_ema', 'model', 'state_dict') if use_ema else \
+        ('model', 'state_dict', 'state_dict_ema', 'model_ema')
+    for key in order:
+        inner = checkpoint.get(key)
+        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            checkpoint = inner
+            break
+    out = {}
+    for k, v in checkpoint.items():
+        if not isinstance(v, torch.Tensor):
+            continue  # optimizer state, epoch counters, configs...
+        out[k[len('module.'):] if k.startswith('module.') else k] = v
+    return out
+
+
+def check_state_dict(
+        state_dict: Dict[str, torch.Tensor],
+        model: nn.Module,
+        skip_prefixes: Iterable[str] = (),
+        allow_missing: Iterable[str] = (),
+        model_name: Optional[str] = None,
+) -> None:
+    """Raise one clear :class:`CheckpointError` when a key is missing, unexpected or mis-shaped.
+
+    Classifier keys are skipped (``skip_prefixes``): timm drops or adapts them itself when ``num_classes`` differs.
+
+    Args:
+        state_dict: The remapped checkpoint.
+        model: The model it should load into.
+        skip_prefixes: Key prefixes not checked.
+        allow_missing: Key suffixes that may be absent (non-persistent or derived buffers).
+        model_name: Name used in messages (defaults to the class name).
+    """
+    name = model_name or getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
+    skip = tuple(skip_prefixes)
+    allow = tuple(allow_missing)
+    expected = model.state_dict()
+    problems = []
+    for k, v in expected.items():
+        if skip and k.startswith(skip):
+            continue
+        if k not in state_dict:
+            if not (allow and k.endswith(allow)):
+                problems.append(f"missing key '{k}' (expected shape {tuple(v.shape)})")
+        elif tuple(state_dict[k].shape) != tuple(v.shape):
+            problems.append(
+                f"key '{k}' has shape {tuple(state_dict[k].shape)} in the checkpoint, but {name} expects "
+                f"{tuple(v.shape)}")
+    for k in state_dict:
+        if k not in expected and not (skip and k.startswith(skip)):
+            problems.append(f"unexpected key '{k}' (shape {tuple(state_dict[k].shape)})")
+    if problems:
+        more = f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''
+        raise CheckpointError(f'checkpoint does not fit {name}: ' + '; '.join(problems[:5]) + more)
