@@ -1,0 +1,28 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).parent / 'data'
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def load_parity(name: str) -> dict:
+    """A reference file produced by the official implementation (see tests/data/PARITY_README.md)."""
+    return torch.load(DATA / name, weights_only=True)
+
+
+def parity_input(ref: dict) -> torch.Tensor:
+    return ref['input'].float() * ref['input_scale']
+
+
+@pytest.fixture
+def official_file(tmp_path):
+    """Write a state_dict in the official checkpoint format ({'model': ...}) and return its path."""
+    def write(state_dict: dict, wrap: str = 'model') -> str:
+        path = tmp_path / 'official.pth'
+        torch.save({wrap: state_dict} if wrap else state_dict, path)
+        return str(path)
+    return write

@@ -1,0 +1,105 @@
+"""The one agent-attention core: fused == explicit, any grid, bias cache, errors."""
+import pytest
+import torch
+
+from vitzoo.layers.agent_attention import AgentAttention, agent_attention, resize_bias_1d
+
+
+def _randomize(m: AgentAttention, seed: int = 0) -> AgentAttention:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return m
+
+
+@pytest.mark.parametrize('layout,prefix,sr,hw', [
+    ('qkv', 1, 1, (14, 14)),
+    ('qkv', 0, 1, (7, 9)),
+    ('q_kv', 0, 1, (12, 12)),
+    ('q_kv', 0, 2, (12, 10)),
+])
+def test_fused_equals_explicit(layout, prefix, sr, hw):
+    m = _randomize(AgentAttention(32, num_heads=2, agent_num=9, window_size=(12, 12), qkv_layout=layout,
+                                  num_prefix_tokens=prefix, sr_ratio=sr)).eval()
+    x = torch.randn(2, prefix + hw[0] * hw[1], 32)
+    m.fused_attn = True
+    y_fused = m(x, hw)
+    m.fused_attn = False
+    y_explicit = m(x, hw)
+    assert y_fused.shape == x.shape
+    torch.testing.assert_close(y_fused, y_explicit, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_equals_explicit_gradients():
+    m = _randomize(AgentAttention(32, num_heads=2, agent_num=16, window_size=(8, 8), num_prefix_tokens=1)).train()
+    x = torch.randn(2, 65, 32)
+    grads = []
+    for fused in (True, False):
+        m.zero_grad()
+        m.fused_attn = fused
+        m(x, (8, 8)).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    assert set(grads[0]) == {n for n, _ in m.named_parameters()}
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-4, rtol=1e-4, msg=n)
+        assert grads[0][n].abs().sum() > 0, f'{n} got no gradient'
+
+
+def test_functional_matches_manual_softmax():
+    q, k, v = torch.randn(3, 2, 2, 20, 8).unbind(0)
+    agents = torch.randn(2, 2, 4, 8)
+    b1, b2 = torch.randn(1, 2, 4, 20), torch.randn(1, 2, 20, 4)
+    ref = ((q @ agents.transpose(-1, -2)) * 0.5 + b2).softmax(-1) @ (
+        ((agents @ k.transpose(-1, -2)) * 0.5 + b1).softmax(-1) @ v)
+    for fused in (True, False):
+        torch.testing.assert_close(agent_attention(q, k, v, agents, b1, b2, 0.5, fused=fused), ref)
+
+
+def test_resize_bias_identity_and_shape():
+    b = torch.randn(1, 2, 9, 14, 1)
+    assert resize_bias_1d(b, 14, 3) is b
+    r = resize_bias_1d(b, 28, 3)
+    assert r.shape == (1, 2, 9, 28, 1)
+    # linear resize preserves a constant bias exactly
+    c = torch.full((1, 2, 9, 1, 5), 0.3)
+    torch.testing.assert_close(resize_bias_1d(c, 11, 4), torch.full((1, 2, 9, 1, 11), 0.3))
+
+
+def test_bias_cache_hits_and_invalidates():
+    m = _randomize(AgentAttention(16, num_heads=2, agent_num=4, window_size=(6, 6))).eval()
+    with torch.no_grad():
+        b1, b2 = m.get_biases((6, 6))
+        assert m.get_biases((6, 6))[0] is b1, 'eval/no-grad biases must be cached'
+        assert m.get_biases((8, 5))[0].shape == (1, 2, 4, 40)
+        m.an_bias.add_(1.0)  # an in-place update (optimizer step, load_state_dict) bumps the version
+        b1_new, _ = m.get_biases((6, 6))
+        assert b1_new is not b1
+        torch.testing.assert_close(b1_new, b1 + 1.0)
+        sd = {k: v.clone() for k, v in m.state_dict().items()}
+        sd['ha_bias'] += 2.0
+        m.load_state_dict(sd)
+        torch.testing.assert_close(m.get_biases((6, 6))[1], b2 + 2.0)
+    # with grad enabled nothing is cached (the biases must receive gradients)
+    b1_grad, _ = m.get_biases((6, 6))
+    assert b1_grad.requires_grad and b1_grad is not m.get_biases((6, 6))[0]
+    # biases are broadcast over the batch, never repeated
+    assert b1_grad.shape[0] == 1
+
+
+def test_agent_grid_override_resizes_biases():
+    m = _randomize(AgentAttention(16, num_heads=2, agent_num=9, window_size=(12, 12))).eval()
+    m.agent_hw = (4, 5)
+    with torch.no_grad():
+        y = m(torch.randn(1, 144, 16), (12, 12))
+        b1, b2 = m.get_biases((12, 12))
+    assert torch.isfinite(y).all()
+    assert b1.shape == (1, 2, 20, 144) and b2.shape == (1, 2, 144, 20)
+
+
+def test_bad_token_count_names_shapes():
+    m = AgentAttention(16, num_heads=2, agent_num=4, window_size=(6, 6))
+    with pytest.raises(ValueError, match=r'6x6'):
+        m(torch.randn(1, 35, 16), (6, 6))
+    with pytest.raises(ValueError, match='square'):
+        AgentAttention(16, num_heads=2, agent_num=10)

@@ -1,0 +1,106 @@
+"""Agent-DeiT: parity with the official implementation, resolutions, checkpoints, sizes."""
+import pytest
+import timm
+import torch
+
+import vitzoo  # noqa: F401
+from vitzoo.models import CheckpointError
+from vitzoo.utils import count_macs, count_params, explicit_attention
+
+from conftest import load_parity, parity_input
+
+
+def _build_from_ref(ref, name, path, **kw):
+    k = ref['official_kwargs']
+    return timm.create_model(
+        name, pretrained=True, pretrained_cfg_overlay=dict(file=path, num_classes=k['num_classes']),
+        num_classes=k['num_classes'], embed_dim=k['embed_dim'], depth=k['depth'], num_heads=k['num_heads'],
+        agent_num=k['agent_num'], agent_layer=k['agent_layer'], **kw).eval()
+
+
+@pytest.mark.parametrize('ref_name,model_name', [
+    ('agent_deit_tiny-like.pt', 'agent_deit_tiny'),
+    ('agent_deit_base-like.pt', 'agent_deit_base'),
+])
+@pytest.mark.parametrize('fused', [True, False])
+def test_parity_with_official(ref_name, model_name, fused, official_file):
+    ref = load_parity(ref_name)
+    model = _build_from_ref(ref, model_name, official_file(ref['state_dict']))
+    x = parity_input(ref)
+    with torch.no_grad():
+        if fused:
+            y = model(x)
+        else:
+            with explicit_attention(model):
+                y = model(x)
+    assert (y - ref['output']).abs().max().item() <= 1e-5
+
+
+def test_official_checkpoint_variants_load(official_file):
+    """Plain state_dict, DDP 'module.' prefix and 'state_dict' nesting all load to the same outputs."""
+    ref = load_parity('agent_deit_tiny-like.pt')
+    x = parity_input(ref)
+    sd = {'module.' + k: v for k, v in ref['state_dict'].items()}
+    for path in (official_file(ref['state_dict'], wrap=''), official_file(sd, wrap='state_dict')):
+        with torch.no_grad():
+            y = _build_from_ref(ref, 'agent_deit_tiny', path)(x)
+        assert (y - ref['output']).abs().max().item() <= 1e-5
+
+
+def test_checkpoint_into_other_resolution(official_file):
+    """A 224 checkpoint loads into a model built at 448: pos table and agent biases are resized."""
+    ref = load_parity('agent_deit_tiny-like.pt')
+    model = _build_from_ref(ref, 'agent_deit_tiny', official_file(ref['state_dict']), img_size=448)
+    assert model.blocks[0].attn.ah_bias.shape == (1, 2, 49, 28, 1)
+    assert model.pos_embed.shape == (1, 785, 64)
+    with torch.no_grad():
+        y = model(torch.nn.functional.interpolate(parity_input(ref), size=448))
+    assert torch.isfinite(y).all()
+
+
+def test_any_resolution_and_224_unchanged():
+    model = timm.create_model('agent_deit_small', num_classes=10).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        y0 = model(x)
+        y288 = model(torch.randn(1, 3, 288, 288))
+        y_rect = model(torch.randn(2, 3, 320, 256))
+        y1 = model(x)
+    assert y288.shape == (1, 10) and y_rect.shape == (2, 10)
+    assert torch.isfinite(y288).all() and torch.isfinite(y_rect).all()
+    assert torch.equal(y0, y1)
+
+
+def test_non_multiple_input_is_a_clear_error():
+    model = timm.create_model('agent_deit_tiny', num_classes=10).eval()
+    with pytest.raises(ValueError, match='230x224 is not a multiple of the patch size 16'):
+        model(torch.randn(1, 3, 230, 224))
+
+
+def test_bad_checkpoint_names_key_and_shapes(official_file):
+    ref = load_parity('agent_deit_tiny-like.pt')
+    sd = dict(ref['state_dict'])
+    sd['blocks.1.attn.qkv.weight'] = torch.zeros(96, 64)
+    with pytest.raises(CheckpointError, match=r"'blocks\.1\.attn\.qkv\.weight' has shape \(96, 64\).*expects \(192, 64\)"):
+        _build_from_ref(ref, 'agent_deit_tiny', official_file(sd))
+    sd = dict(ref['state_dict'])
+    del sd['blocks.0.attn.dwc.weight']
+    with pytest.raises(CheckpointError, match=r"missing key 'blocks\.0\.attn\.dwc\.weight' \(expected shape \(64, 1, 3, 3\)\)"):
+        _build_from_ref(ref, 'agent_deit_tiny', official_file(sd))
+
+
+# name: (params in M, GMACs) from the specs' measured column
+SPEC = {
+    'agent_deit_tiny': (6.02, 1.17),
+    'agent_deit_small': (22.65, 4.43),
+    'agent_deit_small_448': (23.07, 17.64),
+    'agent_deit_base': (87.20, 17.53),
+}
+
+
+@pytest.mark.parametrize('name', sorted(SPEC))
+def test_params_and_flops_match_specs(name):
+    model = timm.create_model(name)
+    params, gmacs = SPEC[name]
+    assert abs(count_params(model) / 1e6 - params) / params < 0.005
+    assert abs(count_macs(model, model.pretrained_cfg['input_size']) / 1e9 - gmacs) / gmacs < 0.01
