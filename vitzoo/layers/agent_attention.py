@@ -324,7 +324,8 @@ class AgentAttention(nn.Module):
                 f'and {P} prefix + {kh}x{kw} grid')
         H, d = self.num_heads, self.head_dim
         ph, pw = self.agent_hw
-        q_grid = q[:, P:].transpose(1, 2).reshape(B, C, h, w)
+        # Tokens viewed as channels-last (B, C, h, w) maps: pooling and the DWC need no transposed copies.
+        q_grid = q[:, P:].reshape(B, h, w, C).permute(0, 3, 1, 2)
         agents = F.adaptive_avg_pool2d(q_grid, (ph, pw)).reshape(B, H, d, ph * pw).transpose(-1, -2)
         q = q.reshape(B, N, H, d).transpose(1, 2)
         v_grid = v[:, P:]
@@ -335,7 +336,7 @@ class AgentAttention(nn.Module):
         x = agent_attention(q, k, v, agents, bias1, bias2, self.scale, fused=self.fused_attn, dropout_p=dropout_p)
         x = x.transpose(1, 2).reshape(B, N, C)
 
-        v_grid = v_grid.transpose(1, 2).reshape(B, C, kh, kw)
+        v_grid = v_grid.reshape(B, kh, kw, C).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
         if (kh, kw) != (h, w):
             v_grid = F.interpolate(v_grid, size=(h, w), mode='bilinear', align_corners=False)
         dwc = getattr(self, self.dwc_name)(v_grid).flatten(2).transpose(1, 2)
