@@ -180,22 +180,23 @@ def test_dataset_basics():
 
 
 def test_dataset_transform_and_meta():
+    from torchvision import transforms as T
+
     seen = []
-
-    def transform(im):
-        seen.append(im.size)
-        return torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 255
-
+    transform = T.Compose([T.Lambda(lambda im: seen.append(im.size) or im), T.Resize(32), T.ToTensor()])
     ds = ShapesDataset(num_samples=10, num_classes=10, img_size=64, seed=4, transform=transform, return_meta=True)
     x, label, meta = ds[3]
     assert seen == [(64, 64)]
-    assert isinstance(x, torch.Tensor) and x.shape == (3, 64, 64)
+    assert isinstance(x, torch.Tensor) and x.shape == (3, 32, 32) and x.dtype == torch.float32
     ref = render_sample(3, num_classes=10, img_size=64, seed=4)
+    expected = T.ToTensor()(Image.fromarray(ref.image).resize((32, 32), Image.BILINEAR))
+    assert torch.allclose(x, expected, atol=2 / 255)
+    # box and mask stay in the coordinates of the untransformed image
     assert label == ref.label == 3
     assert meta['box'] == ref.box
     assert np.array_equal(meta['mask'], ref.mask)
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
-    assert batch[0].shape == (4, 3, 64, 64) and batch[1].tolist() == [0, 1, 2, 3]
+    assert batch[0].shape == (4, 3, 32, 32) and batch[1].tolist() == [0, 1, 2, 3]
     assert batch[2]['mask'].shape == (4, 64, 64)
 
 
@@ -203,7 +204,7 @@ def test_dataset_transform_and_meta():
 # ImageFolder export
 
 
-def test_write_image_folder(tmp_path):
+def test_write_image_folder(tmp_path, monkeypatch):
     from torchvision.datasets import ImageFolder
 
     root = tmp_path / 'shapes'
@@ -241,9 +242,11 @@ def test_write_image_folder(tmp_path):
     files = sorted(p for p in root.rglob('*') if p.is_file())
     mtimes = {p: p.stat().st_mtime_ns for p in files}
     time.sleep(0.01)
-    t0 = time.perf_counter()
-    assert write_image_folder(root, **kw) == root
-    assert time.perf_counter() - t0 < 1.0
+    with monkeypatch.context() as m:
+        def no_render(*args, **kwargs):
+            raise AssertionError('second write_image_folder call rendered images')
+        m.setattr(shapes, 'render_sample', no_render)
+        assert write_image_folder(root, **kw) == root
     assert sorted(p for p in root.rglob('*') if p.is_file()) == files
     assert {p: p.stat().st_mtime_ns for p in files} == mtimes
 

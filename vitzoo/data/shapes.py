@@ -8,12 +8,12 @@ detection (COCO json) and segmentation tooling.
 Class ``k`` is the pair ``(SHAPES[k % len(SHAPES)], TEXTURES[k // len(SHAPES)])``; the default 10 classes are the 10
 most distinct shapes with a solid fill, and up to ``MAX_CLASSES`` (48) classes are supported.
 
-Example:
-    >>> from vitzoo.data.shapes import ShapesDataset, render_sample, write_image_folder
-    >>> sample = render_sample(3, img_size=(96, 128))
-    >>> sample.image.shape, sample.label, sample.box
-    >>> ds = ShapesDataset(num_samples=500, img_size=64)
-    >>> write_image_folder('/tmp/shapes', num_train=1000, num_val=200, img_size=96)
+Example::
+
+    from vitzoo.data.shapes import ShapesDataset, render_sample, write_image_folder
+    sample = render_sample(3, img_size=(96, 128))  # .image (96, 128, 3) uint8, .label 3, .box, .mask, .background
+    ds = ShapesDataset(num_samples=500, img_size=64, transform=my_transform)  # (transform(PIL image), label)
+    write_image_folder('/tmp/shapes', num_train=1000, num_val=200, img_size=96)  # torchvision ImageFolder tree
 
 CLI::
 
@@ -344,7 +344,7 @@ def render_sample(
     freq = float(rng.uniform(*_TEXTURE_FREQ[texture]))
     tex_phase = (float(rng.uniform(0, 2)), float(rng.uniform(0, 2)))
 
-    # --- background ------------------------------------------------------------------------------------------------------
+    # --- background ---------------------------------------------------------------------------------------------------
     t = _background_field(bg_kind, bg_params, h, w)
     c0f, dc = c0.astype(np.float32), (c1 - c0).astype(np.float32)
     bg = c0f + t[..., None] * dc
@@ -376,7 +376,7 @@ def render_sample(
     rows, cols = np.flatnonzero(local.any(axis=1)), np.flatnonzero(local.any(axis=0))
     if rows.size == 0:  # cannot happen for the supported sizes (object diameter >= 8 px); guard anyway
         raise RuntimeError(f'empty object mask for index={index}, img_size={(h, w)}, seed={seed}, split={split!r}')
-    box = (x0 + int(cols[0]), y0 + int(rows[0]), x0 + int(cols[-1]), y0 + int(rows[-1]) + 1)
+    box = (x0 + int(cols[0]), y0 + int(rows[0]), x0 + int(cols[-1]) + 1, y0 + int(rows[-1]) + 1)
     return ShapeSample(image=image, label=label, box=box, mask=mask, background=background)
 
 
@@ -652,7 +652,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
                         help=f'number of classes, 1..{MAX_CLASSES} ({len(SHAPES)} shapes x {len(TEXTURES)} textures)')
     parser.add_argument('--img-size', type=_parse_img_size, default=224, metavar='S',
                         help=f'image size, S or HxW, each side in {MIN_IMG_SIZE}..{MAX_IMG_SIZE}')
-    parser.add_argument('--seed', type=int, default=0, help='dataset seed (>= 0); different seeds give different images')
+    parser.add_argument('--seed', type=int, default=0,
+                        help='dataset seed (>= 0); different seeds give different images')
     parser.add_argument('--format', dest='image_format', default='png', choices=sorted(IMAGE_FORMATS),
                         help='image file format')
     parser.add_argument('--overwrite', action='store_true',
