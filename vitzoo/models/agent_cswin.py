@@ -1,0 +1,654 @@
+"""Agent-CSwin
+
+Agent Attention: On the Integration of Softmax and Linear Attention (Han et al., ECCV 2024)
+    - https://arxiv.org/abs/2312.08874
+CSWin Transformer: A General Vision Transformer Backbone with Cross-Shaped Windows (Dong et al., CVPR 2022)
+    - https://arxiv.org/abs/2107.00652
+Official code: https://github.com/LeapLabTHU/Agent-Attention (``agent_transformer/models/agent_cswin.py``), built on
+https://github.com/microsoft/CSWin-Transformer (MIT).
+
+A four-stage CSWin whose stages follow ``attn_type`` ('AABB' in every released variant):
+
+- 'A' stages use one global agent-attention branch with the full width / heads (the official ``last_stage`` case, split
+  == resolution); the DWC term is CSwin's LePE conv ``get_v``.
+- 'B' stages use CSwin's LePE attention: two branches of half width / heads over vertical (full height x
+  ``split_size``) and horizontal (``split_size`` x full width) stripes, or, in the last stage (or when the split
+  covers the map), one global branch. The LePE term (a 3x3 depthwise conv of v inside each window) is added after the
+  softmax, so the attention itself runs through ``F.scaled_dot_product_attention`` (``fused_attn``).
+
+The block owns ``qkv``, ``proj``, ``norm1``, ``norm2`` and ``mlp``; the attentions only see projected tokens.
+Modules use timm names (``patch_embed``, ``stages.{i}.downsample``, ``stages.{i}.blocks.{j}``); official checkpoints
+(``stage1_conv_embed``, ``stageK.i``, ``mergeK``) are remapped by :func:`checkpoint_filter_fn`.
+
+Other resolutions (the official model runs only at its construction size). Any input whose sides are multiples of 4
+(the stem stride) runs; the merges round odd maps up (``ceil``), as their stride-2 convs do:
+
+- agent stages stay global over whatever map they get; ``AgentAttention`` resizes its row/column biases to the grid;
+- a striped LePE branch zero-pads the map (after the qkv projection) to a multiple of ``split_size`` along its split
+  axis and masks the padded keys, so the last stripe behaves exactly like a narrower stripe (its LePE conv already
+  sees zeros past the border); at sizes that divide evenly nothing is padded and the results are unchanged;
+- a global LePE branch (the last stage) simply covers the whole map.
+
+A model built at another ``img_size`` builds its agent biases for that size; official 224 checkpoints are resized on
+load. ``la_split_size`` defaults to None (agent stages global at the construction size, which is what the official
+'56-28-14-7' / '96-48-24-12' mean at 224 / 384); an official string is accepted, and a split >= the stage resolution
+is global. Striped agent branches (an agent split smaller than the stage resolution) are not supported: no released
+model uses them. Written for vitzoo.
+"""
+import logging
+import re
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_, use_fused_attn
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from vitzoo.layers.agent_attention import AgentAttention, resize_bias_1d
+from ._helpers import check_state_dict, unwrap_state_dict
+
+__all__ = ['AgentCSWinTransformer']
+
+_logger = logging.getLogger(__name__)
+
+_ROW_COL_BIASES = {'ah_bias': 3, 'aw_bias': 4, 'ha_bias': 2, 'wa_bias': 3}  # name -> spatial axis
+_STEM_STRIDE = 4
+
+
+def _window_partition(x: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
+    """(B, H, W, C) map -> (B * nH * nW, wh * ww, C) windows, row-major inside and across windows."""
+    B, H, W, C = x.shape
+    x = x.reshape(B, H // wh, wh, W // ww, ww, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, wh * ww, C)
+
+
+def _window_reverse(x: torch.Tensor, wh: int, ww: int, H: int, W: int) -> torch.Tensor:
+    """Inverse of :func:`_window_partition`: (B * nH * nW, wh * ww, C) -> (B, H, W, C)."""
+    C = x.shape[-1]
+    x = x.reshape(-1, H // wh, W // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(-1, H, W, C)
+
+
+class LePEAttention(nn.Module):
+    """CSwin's cross-shaped window attention with the locally-enhanced positional encoding (LePE).
+
+    Per window: ``softmax(q kᵀ s) v + get_v(v)``, with ``get_v`` a 3x3 depthwise conv applied to v inside each window.
+
+    Args:
+        dim: Channels of this branch.
+        num_heads: Heads of this branch.
+        idx: -1 global (one window = the whole map), 0 vertical stripes (full height x ``split_size``),
+            1 horizontal stripes (``split_size`` x full width).
+        split_size: Stripe width.
+        attn_drop: Attention dropout.
+        fused_attn: Use ``F.scaled_dot_product_attention``.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            idx: int = -1,
+            split_size: int = 7,
+            attn_drop: float = 0.0,
+            fused_attn: bool = True,
+    ):
+        super().__init__()
+        if idx not in (-1, 0, 1):
+            raise ValueError(f'LePEAttention: idx must be -1, 0 or 1, got {idx}')
+        if dim % num_heads:
+            raise ValueError(f'LePEAttention: dim {dim} must be divisible by num_heads {num_heads}')
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.idx = idx
+        self.split_size = split_size
+        self.fused_attn = fused_attn
+        self.get_v = nn.Conv2d(dim, dim, kernel_size=3, stride=1, padding=1, groups=dim)
+        self.attn_drop = nn.Dropout(attn_drop)
+
+    def _window_geometry(self, h: int, w: int) -> Tuple[int, int, int, int]:
+        """Window (wh, ww) and bottom / right padding (ph, pw) for an (h, w) map."""
+        s = self.split_size
+        if self.idx == -1:
+            return h, w, 0, 0
+        if self.idx == 0:
+            pw = (s - w % s) % s
+            return h, s, 0, pw
+        ph = (s - h % s) % s
+        return s, w, ph, 0
+
+    def _pad_mask(self, h: int, w: int, ph: int, pw: int, wh: int, ww: int, device, dtype) -> torch.Tensor:
+        """Additive key mask (nWin, 1, 1, n): -inf on the zero-padded positions of each window."""
+        valid = torch.zeros(1, h + ph, w + pw, 1, device=device, dtype=torch.bool)
+        valid[:, :h, :w] = True
+        valid = _window_partition(valid, wh, ww)[..., 0]  # nWin, n
+        mask = torch.zeros(valid.shape, device=device, dtype=dtype).masked_fill_(~valid, float('-inf'))
+        return mask[:, None, None, :]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        """Attend inside the windows of an (h, w) token grid.
+
+        Args:
+            q: (B, h*w, C) projected queries (row-major tokens).
+            k: (B, h*w, C) projected keys.
+            v: (B, h*w, C) projected values.
+            hw: The grid (h, w).
+
+        Returns:
+            (B, h*w, C), LePE term included.
+        """
+        B, N, C = q.shape
+        h, w = hw
+        wh, ww, ph, pw = self._window_geometry(h, w)
+
+        def to_windows(t: torch.Tensor) -> torch.Tensor:
+            t = t.reshape(B, h, w, C)
+            if ph or pw:
+                t = F.pad(t, (0, 0, 0, pw, 0, ph))
+            return _window_partition(t, wh, ww)
+
+        q, k, v = to_windows(q), to_windows(k), to_windows(v)
+        Bw, n, _ = q.shape
+        lepe = self.get_v(v.transpose(1, 2).reshape(Bw, C, wh, ww)).reshape(Bw, C, n).transpose(1, 2)
+        H, d = self.num_heads, self.head_dim
+        q = q.reshape(Bw, n, H, d).transpose(1, 2)
+        k = k.reshape(Bw, n, H, d).transpose(1, 2)
+        v = v.reshape(Bw, n, H, d).transpose(1, 2)
+        mask = None
+        if ph or pw:
+            mask = self._pad_mask(h, w, ph, pw, wh, ww, q.device, q.dtype)
+            mask = mask.repeat(B, 1, 1, 1)  # windows are batch-major
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if mask is not None:
+                attn = attn + mask
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            x = attn @ v
+        x = x.transpose(1, 2).reshape(Bw, n, C) + lepe
+        x = _window_reverse(x, wh, ww, h + ph, w + pw)
+        if ph or pw:
+            x = x[:, :h, :w]
+        return x.reshape(B, h * w, C)
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, num_heads={self.num_heads}, idx={self.idx}, split_size={self.split_size}, '
+                f'fused_attn={self.fused_attn}')
+
+
+class CSWinBlock(nn.Module):
+    """Pre-norm CSwin block: qkv → one or two attention branches → proj, then the MLP.
+
+    Args:
+        dim: Channels.
+        num_heads: Heads (split evenly across two branches).
+        resolution: Construction-time (h, w) of this stage (sets the agent bias window).
+        attn_type: 'A' (agent attention, global) or 'B' (LePE cross-shaped windows).
+        split_size: Stripe width ('B'); ignored for global blocks.
+        last_stage: Force one global branch.
+        agent_num: Agents ('A').
+        mlp_ratio: MLP expansion.
+        qkv_bias: Bias in qkv.
+        proj_drop: Dropout after proj / in the MLP.
+        attn_drop: Attention dropout.
+        drop_path: Stochastic depth.
+        act_layer: MLP activation.
+        norm_layer: Norm.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            resolution: Tuple[int, int],
+            attn_type: str = 'B',
+            split_size: int = 7,
+            last_stage: bool = False,
+            agent_num: int = 49,
+            mlp_ratio: float = 4.0,
+            qkv_bias: bool = True,
+            proj_drop: float = 0.0,
+            attn_drop: float = 0.0,
+            drop_path: float = 0.0,
+            act_layer: Callable = nn.GELU,
+            norm_layer: Callable = nn.LayerNorm,
+    ):
+        super().__init__()
+        if attn_type not in ('A', 'B'):
+            raise ValueError(f"CSWinBlock: attn_type must be 'A' or 'B', got {attn_type!r}")
+        # Official rule: split == resolution makes the block global; a split covering the map is the same thing.
+        last_stage = last_stage or split_size >= max(resolution)
+        if attn_type == 'A' and not last_stage:
+            raise ValueError(
+                f'CSWinBlock: striped agent attention (split {split_size} < resolution {tuple(resolution)}) is not '
+                f'supported; agent stages must be global (la_split_size >= the stage resolution)')
+        self.is_agent = attn_type == 'A'
+        self.norm1 = norm_layer(dim)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        if self.is_agent:
+            self.attns = nn.ModuleList([AgentAttention(
+                dim, num_heads=num_heads, agent_num=agent_num, window_size=tuple(resolution), qkv_bias=qkv_bias,
+                attn_drop=attn_drop, qkv_layout='none', proj=False, dwc_name='get_v', fused_attn=use_fused_attn())])
+        elif last_stage:
+            self.attns = nn.ModuleList([LePEAttention(
+                dim, num_heads, idx=-1, split_size=split_size, attn_drop=attn_drop, fused_attn=use_fused_attn())])
+        else:
+            self.attns = nn.ModuleList([LePEAttention(
+                dim // 2, num_heads // 2, idx=i, split_size=split_size, attn_drop=attn_drop,
+                fused_attn=use_fused_attn()) for i in range(2)])
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def _attend(self, attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw: Tuple[int, int]):
+        return attn.forward_qkv(q, k, v, hw) if self.is_agent else attn(q, k, v, hw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C)."""
+        B, H, W, C = x.shape
+        x = x.reshape(B, H * W, C)
+        q, k, v = self.qkv(self.norm1(x)).reshape(B, H * W, 3, C).unbind(2)
+        if len(self.attns) == 2:
+            c = C // 2
+            y = torch.cat([
+                self._attend(self.attns[0], q[..., :c], k[..., :c], v[..., :c], (H, W)),
+                self._attend(self.attns[1], q[..., c:], k[..., c:], v[..., c:], (H, W)),
+            ], dim=-1)
+        else:
+            y = self._attend(self.attns[0], q, k, v, (H, W))
+        x = x + self.drop_path1(self.proj_drop(self.proj(y)))
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x.reshape(B, H, W, C)
+
+
+class ConvStem(nn.Module):
+    """Conv 7x7 stride 4 (pad 2) → LayerNorm; NCHW image in, NHWC map out (official ``stage1_conv_embed``)."""
+
+    def __init__(self, in_chans: int, dim: int, norm_layer: Callable = nn.LayerNorm):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=7, stride=4, padding=2)
+        self.norm = norm_layer(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class MergeBlock(nn.Module):
+    """Conv 3x3 stride 2 (pad 1) → LayerNorm on NHWC maps (official ``mergeK``)."""
+
+    def __init__(self, dim: int, dim_out: int, norm_layer: Callable = nn.LayerNorm):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim_out, kernel_size=3, stride=2, padding=1)
+        self.norm = norm_layer(dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+
+
+class CSWinStage(nn.Module):
+    """Optional downsample (a :class:`MergeBlock`) then a sequence of :class:`CSWinBlock` on NHWC maps."""
+
+    def __init__(self, downsample: Optional[nn.Module], blocks: List[nn.Module]):
+        super().__init__()
+        self.downsample = downsample if downsample is not None else nn.Identity()
+        self.blocks = nn.Sequential(*blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+def _per_stage(value: Union[int, str, Sequence[int], None], name: str) -> Optional[List[int]]:
+    """An int, an official 'a-b-c-d' string or a 4-sequence -> list of 4 ints (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return [value] * 4
+    if isinstance(value, str):
+        value = value.split('-')
+    value = [int(v) for v in value]
+    if len(value) != 4:
+        raise ValueError(f'{name} needs 4 per-stage values, got {value}')
+    return value
+
+
+def _stage_attn_types(attn_type: str, depths: Sequence[int]) -> List[List[str]]:
+    """Per-block 'A' / 'B' from the official string: one letter per stage, 'M' = first ``attn_type[4:]`` blocks 'A'."""
+    if len(attn_type) < 4 or any(t not in 'ABM' for t in attn_type[:4]):
+        raise ValueError(f"attn_type must be 4 letters of 'A', 'B', 'M' (+ an agent block count), got {attn_type!r}")
+    n_agent = int(attn_type[4:]) if 'M' in attn_type[:4] else 0
+    return [[t if t != 'M' else ('A' if j < n_agent else 'B') for j in range(d)] for t, d in zip(attn_type, depths)]
+
+
+class AgentCSWinTransformer(nn.Module):
+    """CSwin Transformer with agent attention in the 'A' stages.
+
+    Args:
+        img_size: Construction resolution (sets the agent bias windows; other sizes run too).
+        patch_size: Ignored (the stem is a 7x7 stride-4 conv); accepted for the official signature.
+        in_chans: Input channels.
+        num_classes: Classifier classes (0 = no head).
+        global_pool: 'avg' (default) or '' (no pooling: ``forward_head`` returns the NHWC map).
+        embed_dim: Width of stage 1 (doubles per stage).
+        depth: Blocks per stage.
+        split_size: Stripe widths of the 'B' (LePE) stages.
+        la_split_size: Split of the 'A' stages (official '56-28-14-7'); must be >= the stage resolution (global).
+            None = global at every stage.
+        num_heads: Heads per stage.
+        mlp_ratio: MLP expansion.
+        qkv_bias: Bias in qkv.
+        agent_num: Agents per stage (int, 4-sequence or '9-16-49-49').
+        attn_type: One letter per stage: 'A' agent, 'B' LePE, 'M' mixed (suffix = number of leading agent blocks).
+        drop_rate: Dropout before the head.
+        proj_drop_rate: Dropout after proj / in the MLPs.
+        attn_drop_rate: Attention dropout.
+        drop_path_rate: Stochastic depth (linear rule over all blocks).
+        norm_layer: Norm (default LayerNorm, eps 1e-5 as the official model).
+        act_layer: MLP activation.
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            patch_size: int = 4,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dim: int = 64,
+            depth: Sequence[int] = (2, 4, 18, 1),
+            split_size: Union[int, str, Sequence[int]] = (1, 2, 7, 7),
+            la_split_size: Union[int, str, Sequence[int], None] = None,
+            num_heads: Union[int, Sequence[int]] = (2, 4, 8, 16),
+            mlp_ratio: float = 4.0,
+            qkv_bias: bool = True,
+            agent_num: Union[int, str, Sequence[int]] = (9, 16, 49, 49),
+            attn_type: str = 'AABB',
+            drop_rate: float = 0.0,
+            proj_drop_rate: float = 0.0,
+            attn_drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+            norm_layer: Optional[Callable] = None,
+            act_layer: Optional[Callable] = None,
+            **kwargs,
+    ):
+        super().__init__()
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        norm_layer = norm_layer or nn.LayerNorm
+        act_layer = act_layer or nn.GELU
+        depth = list(depth)
+        if len(depth) != 4:
+            raise ValueError(f'depth needs 4 stages, got {depth}')
+        num_heads = _per_stage(num_heads, 'num_heads')
+        split_size = _per_stage(split_size, 'split_size')
+        la_split_size = _per_stage(la_split_size, 'la_split_size')
+        agent_num = _per_stage(agent_num, 'agent_num')
+        attn_types = _stage_attn_types(attn_type, depth)
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.output_fmt = 'NHWC'
+        self.grad_checkpointing = False
+
+        self.patch_embed = ConvStem(in_chans, embed_dim, norm_layer=norm_layer)
+        img_size = to_2tuple(img_size)
+        res = (img_size[0] // _STEM_STRIDE, img_size[1] // _STEM_STRIDE)
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depth), device='cpu')]
+        dims = [embed_dim * 2 ** i for i in range(4)]
+        stages, self.feature_info, cursor = [], [], 0
+        for i in range(4):
+            if i > 0:
+                res = ((res[0] + 1) // 2, (res[1] + 1) // 2)  # stride-2 conv, pad 1: ceil
+            blocks = []
+            for j, t in enumerate(attn_types[i]):
+                split = (la_split_size[i] if la_split_size is not None else max(res)) if t == 'A' else split_size[i]
+                blocks.append(CSWinBlock(
+                    dims[i], num_heads[i], resolution=res, attn_type=t, split_size=split, last_stage=i == 3,
+                    agent_num=agent_num[i], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate, drop_path=dpr[cursor + j], act_layer=act_layer, norm_layer=norm_layer))
+            cursor += depth[i]
+            downsample = MergeBlock(dims[i - 1], dims[i], norm_layer=norm_layer) if i > 0 else None
+            stages.append(CSWinStage(downsample, blocks))
+            self.feature_info.append(dict(num_chs=dims[i], reduction=_STEM_STRIDE * 2 ** i, module=f'stages.{i}'))
+        self.stages = nn.Sequential(*stages)
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.norm = norm_layer(self.num_features)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """The official init: trunc_normal(.02) Linear with zero bias, unit LayerNorms; convs keep PyTorch's default."""
+        self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        # The official model lists 'pos_embed' / 'cls_token', which it does not have: nothing is excluded.
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        return dict(
+            stem=r'^patch_embed',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ('avg', ''):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        if H % _STEM_STRIDE or W % _STEM_STRIDE:
+            raise ValueError(
+                f'{type(self).__name__}: input size {H}x{W} is not a multiple of the stem stride {_STEM_STRIDE}')
+        return self.patch_embed(x)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs as (B, C, h, w) maps (or NHWC).
+
+        Args:
+            x: Input images.
+            indices: Take the last n stages if an int, these stages if a list, all if None.
+            norm: Apply the final norm to the last stage's intermediate (the only one with its width).
+            stop_early: Stop after the last selected stage.
+            output_fmt: 'NCHW' or 'NHWC'.
+            intermediates_only: Return only the intermediates.
+        """
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        last_idx = len(self.stages) - 1
+        x = self._embed(x)
+        stages = self.stages if not stop_early else self.stages[:max_index + 1]
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                y = self.norm(x) if norm and i == last_idx else x
+                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else y)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages (and optionally norm / head) after the last of ``indices``; returns the kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> normalised (B, h, w, C) map of the last stage."""
+        return self.norm(self.stages(self._embed(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'avg':
+            x = x.flatten(1, 2).mean(dim=1)  # mean over tokens, as the official model
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+_KEY_MAP = (
+    (re.compile(r'^stage1_conv_embed\.0\.'), lambda m: 'patch_embed.proj.'),
+    (re.compile(r'^stage1_conv_embed\.2\.'), lambda m: 'patch_embed.norm.'),
+    (re.compile(r'^stage(\d)\.(\d+)\.'), lambda m: f'stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}.'),
+    (re.compile(r'^merge(\d)\.'), lambda m: f'stages.{m.group(1)}.downsample.'),
+)
+
+
+def _remap_key(k: str) -> str:
+    for pattern, repl in _KEY_MAP:
+        k, n = pattern.subn(repl, k, count=1)
+        if n:
+            break
+    return k
+
+
+def checkpoint_filter_fn(state_dict: Dict, model: AgentCSWinTransformer) -> Dict[str, torch.Tensor]:
+    """Load an official Agent-CSwin checkpoint (official or vitzoo key names) into ``model``.
+
+    Renames the official keys (``stage1_conv_embed.{0,2}`` → ``patch_embed.{proj,norm}``, ``stageK.i`` →
+    ``stages.{K-1}.blocks.i``, ``mergeK`` → ``stages.K.downsample``), resizes the agent row/column biases when the
+    model was built at another resolution, then checks every key and shape, raising
+    :class:`~vitzoo.models._helpers.CheckpointError` that names the key.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    target = model.state_dict()
+    out = {}
+    for k, v in state_dict.items():
+        k = _remap_key(k)
+        name = k.rsplit('.', 1)[-1]
+        if name in _ROW_COL_BIASES and k in target and v.shape != target[k].shape:
+            dim = _ROW_COL_BIASES[name]
+            same_elsewhere = v.ndim == target[k].ndim and all(
+                a == b for i, (a, b) in enumerate(zip(v.shape, target[k].shape)) if i != dim)
+            if same_elsewhere:  # only the window differs; anything else is reported as is by check_state_dict
+                v = resize_bias_1d(v, target[k].shape[dim], dim)
+        out[k] = v
+    check_state_dict(out, model, skip_prefixes=('head.',))
+    return out
+
+
+def _create_agent_cswin(variant: str, pretrained: bool = False, **kwargs) -> AgentCSWinTransformer:
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    return build_model_with_cfg(
+        AgentCSWinTransformer, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs)
+
+
+def _cfg(url: str = '', **kwargs) -> Dict:
+    return {
+        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj', 'classifier': 'head',
+        'paper_ids': 'arXiv:2312.08874', 'origin_url': 'https://github.com/LeapLabTHU/Agent-Attention',
+        'license': 'apache-2.0', **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'agent_cswin_tiny.in1k': _cfg(),
+    'agent_cswin_small.in1k': _cfg(),
+    'agent_cswin_base.in1k': _cfg(),
+    'agent_cswin_base_384.in1k': _cfg(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
+})
+
+
+@register_model
+def agent_cswin_tiny(pretrained: bool = False, **kwargs) -> AgentCSWinTransformer:
+    """Agent-CSwin-T @ 224 (official ``Agent_CSWin_64_24181_tiny_224``). 20.5M params, 4.3 GFLOPs, 83.1% top-1."""
+    model_args = dict(
+        embed_dim=64, depth=(2, 4, 18, 1), split_size=(1, 2, 7, 7), num_heads=(2, 4, 8, 16),
+        agent_num=(9, 16, 49, 49), attn_type='AABB')
+    return _create_agent_cswin('agent_cswin_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_cswin_small(pretrained: bool = False, **kwargs) -> AgentCSWinTransformer:
+    """Agent-CSwin-S @ 224 (official ``Agent_CSWin_64_36292_small_224``). 32.8M params, 6.8 GFLOPs, 83.9% top-1."""
+    model_args = dict(
+        embed_dim=64, depth=(3, 6, 29, 2), split_size=(1, 2, 7, 7), num_heads=(2, 4, 8, 16),
+        agent_num=(9, 16, 49, 49), attn_type='AABB')
+    return _create_agent_cswin('agent_cswin_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_cswin_base(pretrained: bool = False, **kwargs) -> AgentCSWinTransformer:
+    """Agent-CSwin-B @ 224 (official ``Agent_CSWin_96_36292_base_224``). 73.3M params, 14.9 GFLOPs, 84.7% top-1."""
+    model_args = dict(
+        embed_dim=96, depth=(3, 6, 29, 2), split_size=(1, 2, 7, 7), num_heads=(4, 8, 16, 32),
+        agent_num=(9, 16, 49, 49), attn_type='AABB')
+    return _create_agent_cswin('agent_cswin_base', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_cswin_base_384(pretrained: bool = False, **kwargs) -> AgentCSWinTransformer:
+    """Agent-CSwin-B @ 384 (official ``Agent_CSWin_96_36292_base_384``, split 12, agent split 96-48-24-12).
+    73.3M params, 46.3 GFLOPs, 85.8% top-1."""
+    model_args = dict(
+        img_size=384, embed_dim=96, depth=(3, 6, 29, 2), split_size=(1, 2, 12, 12), num_heads=(4, 8, 16, 32),
+        agent_num=(9, 16, 49, 49), attn_type='AABB')
+    return _create_agent_cswin('agent_cswin_base_384', pretrained=pretrained, **dict(model_args, **kwargs))
