@@ -46,11 +46,12 @@ def test_model_forward_cfg_and_head(name):
         final, inter = model.forward_intermediates(x)
         torch.testing.assert_close(final, feats)
         assert len(inter) == len(model.feature_info) and all(t.dim() == 4 for t in inter)
+        pool = model.global_pool
         model.reset_classifier(0)
         assert model(x).shape == (2, model.num_features)
         model.reset_classifier(0, '')
         assert model(x).dim() >= 3
-        model.reset_classifier(7)
+        model.reset_classifier(7, pool)
         assert model(x).shape == (2, 7)
 
 
