@@ -1,0 +1,659 @@
+"""Agent-Swin
+
+Agent Attention: On the Integration of Softmax and Linear Attention (Han et al., ECCV 2024)
+    - https://arxiv.org/abs/2312.08874
+Official code: https://github.com/LeapLabTHU/Agent-Attention (``agent_transformer/models/agent_swin.py``),
+built on Swin Transformer (Liu et al., https://arxiv.org/abs/2103.14030).
+
+A four-stage Swin whose stages are chosen by ``attn_type`` (one letter per stage, e.g. 'AAAB', 'AAMB2'):
+
+- 'A': every block is an agent block. Agent blocks are **global** over the whole stage map (the official models use a
+  ``WINDOW_SIZE`` equal to the stage-1 resolution, which the official block clamps to the map, shift 0);
+- 'B': standard Swin (shifted-)window attention, window ``max(7, window_size // 8)``, shift ``window // 2`` on odd
+  blocks unless the stage map at construction is no larger than the window (then one unshifted window, as official);
+- 'M': the first ``int(attn_type[4:])`` blocks are agent blocks, the rest window blocks.
+
+Module layout follows timm's Swin: ``layers.{i}`` with the PatchMerging at the *start* of stage i
+(``layers.{i}.downsample``, absent for stage 0) and the plain ``head`` Linear of the official model.
+:func:`checkpoint_filter_fn` moves the official ``layers.{i}.downsample`` (end of stage i) to ``layers.{i+1}``, drops
+the recomputed ``relative_position_index`` / ``attn_mask`` buffers and resizes bias tables to the model.
+
+Other resolutions (a model built at 224 runs at any multiple of the patch size 4, square or not):
+
+- agent blocks stay global; their row/column biases are resized to the map at run time (``AgentAttention``);
+- window blocks keep the trained window ``ws``. Per axis, a map no larger than ``ws`` becomes one window of the map's
+  size (no shift on that axis; the relative-position table is indexed, not interpolated), as the official
+  construction-time clamp. A larger axis keeps ``ws`` and the block's trained shift, and is zero-padded bottom/right to
+  a multiple of ``ws``; unlike timm / mmdet, padded positions are masked out of the keys, so results do not depend on
+  the padding. At the construction size with maps that are multiples of the window this is exactly the official model;
+- PatchMerging zero-pads odd maps (e.g. 280 px: 70 -> 35 -> 18 -> 9), as timm's Swin;
+- a model built at another ``img_size`` sizes its agent bias tables to its own stage maps; official 224 checkpoints are
+  resized into it (linear for the agent row/column biases, bicubic for window tables as the official Swin loader).
+  Agent blocks are global there too, where the official code would partition a map larger than ``window_size``.
+
+Beyond the original: any input resolution, fused attention (SDPA) for both attention kinds, ``features_only``, grad
+checkpointing. Written for vitzoo.
+"""
+import logging
+import re
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, PatchEmbed, resize_rel_pos_bias_table_simple, trunc_normal_, use_fused_attn
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from vitzoo.layers.agent_attention import AgentAttention, resize_bias_1d
+from ._helpers import check_state_dict, unwrap_state_dict
+
+__all__ = ['AgentSwinTransformer']
+
+_logger = logging.getLogger(__name__)
+
+_ROW_COL_BIASES = {'ah_bias': 3, 'aw_bias': 4, 'ha_bias': 2, 'wa_bias': 3}  # name -> spatial axis
+_MASK_VALUE = -100.0  # the official Swin mask value
+
+
+def window_partition(x: torch.Tensor, window: Tuple[int, int]) -> torch.Tensor:
+    """(B, H, W, C) -> (B, nW, wh * ww, C), windows row-major."""
+    B, H, W, C = x.shape
+    wh, ww = window
+    x = x.view(B, H // wh, wh, W // ww, ww, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, (H // wh) * (W // ww), wh * ww, C)
+
+
+def window_reverse(windows: torch.Tensor, window: Tuple[int, int], hw: Tuple[int, int]) -> torch.Tensor:
+    """(B, nW, wh * ww, C) -> (B, H, W, C), the inverse of :func:`window_partition`."""
+    B, _, _, C = windows.shape
+    (wh, ww), (H, W) = window, hw
+    x = windows.view(B, H // wh, W // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, H, W, C)
+
+
+def relative_position_index(window_size: int) -> torch.Tensor:
+    """(ws², ws²) index into a ((2ws-1)², heads) relative-position table (the Swin layout)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing='ij'))
+    coords = coords.flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window_size - 1)
+    return rel[..., 0] * (2 * window_size - 1) + rel[..., 1]
+
+
+def window_attn_mask(
+        hw: Tuple[int, int],
+        window: Tuple[int, int],
+        shift: Tuple[int, int],
+) -> Optional[torch.Tensor]:
+    """Additive (nW, N, N) mask for shifted windows and padded keys, or None when neither applies.
+
+    Args:
+        hw: The unpadded map (H, W).
+        window: Window (wh, ww); the map is padded to multiples of it.
+        shift: Cyclic shift (sh, sw) applied to the padded map before partitioning.
+    """
+    (H, W), (wh, ww), (sh, sw) = hw, window, shift
+    Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
+    if not (sh or sw or Hp > H or Wp > W):
+        return None
+    regions = torch.zeros(1, Hp, Wp, 1)
+    cnt = 0
+    # the shifted map wraps around at its bottom/right: tokens from both sides of the seam must not attend
+    for hs in ((slice(0, -wh), slice(-wh, -sh), slice(-sh, None)) if sh else (slice(None),)):
+        for ws in ((slice(0, -ww), slice(-ww, -sw), slice(-sw, None)) if sw else (slice(None),)):
+            regions[:, hs, ws, :] = cnt
+            cnt += 1
+    pad = torch.zeros(1, Hp, Wp, 1)
+    pad[:, H:] = 1.0
+    pad[:, :, W:] = 1.0
+    pad = torch.roll(pad, shifts=(-sh, -sw), dims=(1, 2))
+    regions = window_partition(regions, window)[0, ..., 0]  # nW, N
+    pad = window_partition(pad, window)[0, ..., 0] > 0
+    masked = (regions[:, None, :] != regions[:, :, None]) | pad[:, None, :]
+    return torch.zeros(masked.shape).masked_fill(masked, _MASK_VALUE)
+
+
+class WindowAttention(nn.Module):
+    """Swin window attention with a relative-position bias table, fused (SDPA) or explicit.
+
+    The table is built for a ``window_size`` square window; smaller windows (maps smaller than the window) index the
+    central part of the same table.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            window_size: int = 7,
+            qkv_bias: bool = True,
+            attn_drop: float = 0.0,
+            proj_drop: float = 0.0,
+    ):
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.window_size = (window_size, window_size)
+        self.fused_attn = use_fused_attn()
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.register_buffer('relative_position_index', relative_position_index(window_size), persistent=False)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        trunc_normal_(self.relative_position_bias_table, std=.02)
+
+    def _rel_pos_bias(self, window: Tuple[int, int]) -> torch.Tensor:
+        ws = self.window_size[0]
+        index = self.relative_position_index
+        if tuple(window) != (ws, ws):
+            sel = (torch.arange(window[0], device=index.device)[:, None] * ws +
+                   torch.arange(window[1], device=index.device)).flatten()
+            index = index[sel][:, sel]
+        n = index.shape[0]
+        return self.relative_position_bias_table[index.reshape(-1)].view(n, n, -1).permute(2, 0, 1)  # H, N, N
+
+    def forward(self, x: torch.Tensor, window: Tuple[int, int], mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attend within windows.
+
+        Args:
+            x: (B, nW, N, C) window tokens, N = wh * ww.
+            window: (wh, ww), each at most the table's window size.
+            mask: Optional additive (nW, N, N) mask.
+        """
+        B, nW, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, nW, N, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        bias = self._rel_pos_bias(window).to(q.dtype)  # H, N, N
+        if self.fused_attn:
+            attn_mask = bias if mask is None else bias + mask.to(q.dtype).unsqueeze(1)
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1) + bias
+            if mask is not None:
+                attn = attn + mask.to(q.dtype).unsqueeze(1)
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            x = attn @ v
+        x = x.transpose(2, 3).reshape(B, nW, N, C)
+        return self.proj_drop(self.proj(x))
+
+    def extra_repr(self) -> str:
+        return (f'dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, '
+                f'fused_attn={self.fused_attn}')
+
+
+class AgentSwinBlock(nn.Module):
+    """Pre-norm Swin block on (B, H, W, C) maps: global agent attention or (shifted-)window attention."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            input_resolution: Tuple[int, int],
+            agent_num: int = 0,
+            window_size: int = 7,
+            shift: bool = False,
+            mlp_ratio: float = 4.0,
+            qkv_bias: bool = True,
+            proj_drop: float = 0.0,
+            attn_drop: float = 0.0,
+            drop_path: float = 0.0,
+            act_layer: Callable = nn.GELU,
+            norm_layer: Callable = nn.LayerNorm,
+    ):
+        super().__init__()
+        self.is_agent = agent_num > 0
+        self.input_resolution = tuple(input_resolution)
+        self.window_size = window_size
+        # official: one unshifted window when the construction map is no larger than the window
+        self.shift_size = window_size // 2 if shift and min(self.input_resolution) > window_size else 0
+        self.norm1 = norm_layer(dim)
+        if self.is_agent:
+            self.attn = AgentAttention(
+                dim, num_heads=num_heads, agent_num=agent_num, window_size=self.input_resolution, qkv_bias=qkv_bias,
+                attn_drop=attn_drop, proj_drop=proj_drop, qkv_layout='qkv', fused_attn=use_fused_attn())
+            self.register_buffer('attn_mask', None, persistent=False)
+        else:
+            self.attn = WindowAttention(
+                dim, num_heads=num_heads, window_size=window_size, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                proj_drop=proj_drop)
+            window, shift_hw = self._window_shift(*self.input_resolution)
+            self.register_buffer(
+                'attn_mask', window_attn_mask(self.input_resolution, window, shift_hw), persistent=False)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def _window_shift(self, H: int, W: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+        """Per axis: a map no larger than the window is one window without shift; otherwise the trained values."""
+        ws, s = self.window_size, self.shift_size
+        wh, sh = (H, 0) if H <= ws else (ws, s)
+        ww, sw = (W, 0) if W <= ws else (ws, s)
+        return (wh, ww), (sh, sw)
+
+    def _window_attn(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        window, (sh, sw) = self._window_shift(H, W)
+        ph, pw = (-H) % window[0], (-W) % window[1]
+        if ph or pw:
+            x = F.pad(x, (0, 0, 0, pw, 0, ph))
+        if sh or sw:
+            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+        if (H, W) == self.input_resolution:
+            mask = self.attn_mask
+        else:
+            mask = window_attn_mask((H, W), window, (sh, sw))
+            mask = mask.to(x.device) if mask is not None else None
+        x = window_reverse(self.attn(window_partition(x, window), window, mask), window, (H + ph, W + pw))
+        if sh or sw:
+            x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
+        return x[:, :H, :W] if (ph or pw) else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        if self.is_agent:
+            y = self.attn(self.norm1(x).reshape(B, H * W, C), (H, W)).reshape(B, H, W, C)
+        else:
+            y = self._window_attn(self.norm1(x))
+        x = x + self.drop_path1(y)
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+    def extra_repr(self) -> str:
+        kind = 'agent (global)' if self.is_agent else f'window={self.window_size}, shift={self.shift_size}'
+        return f'input_resolution={self.input_resolution}, {kind}'
+
+
+class PatchMerging(nn.Module):
+    """2x2 patch merging on (B, H, W, C) maps (official channel order x00, x10, x01, x11); odd maps are zero-padded."""
+
+    def __init__(self, dim: int, out_dim: Optional[int] = None, norm_layer: Callable = nn.LayerNorm):
+        super().__init__()
+        self.dim = dim
+        self.out_dim = out_dim or 2 * dim
+        self.norm = norm_layer(4 * dim)
+        self.reduction = nn.Linear(4 * dim, self.out_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, H, W, C = x.shape
+        if H % 2 or W % 2:
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
+            H, W = H + H % 2, W + W % 2
+        # (B, H/2, 2, W/2, 2, C) -> column offset major, row offset minor: [x00, x10, x01, x11]
+        x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        return self.reduction(self.norm(x))
+
+
+class AgentSwinStage(nn.Module):
+    """One stage: optional PatchMerging (timm layout: at the start), then blocks."""
+
+    def __init__(
+            self,
+            dim: int,
+            out_dim: int,
+            input_resolution: Tuple[int, int],
+            depth: int,
+            num_heads: int,
+            downsample: bool,
+            agent_num: int,
+            num_agent_blocks: int,
+            window_size: int,
+            mlp_ratio: float = 4.0,
+            qkv_bias: bool = True,
+            proj_drop: float = 0.0,
+            attn_drop: float = 0.0,
+            drop_path: Sequence[float] = (),
+            act_layer: Callable = nn.GELU,
+            norm_layer: Callable = nn.LayerNorm,
+    ):
+        super().__init__()
+        self.grad_checkpointing = False
+        self.downsample = PatchMerging(dim, out_dim, norm_layer=norm_layer) if downsample else nn.Identity()
+        self.blocks = nn.ModuleList([
+            AgentSwinBlock(
+                out_dim, num_heads, input_resolution, agent_num=agent_num if i < num_agent_blocks else 0,
+                window_size=window_size, shift=i % 2 == 1, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                proj_drop=proj_drop, attn_drop=attn_drop, drop_path=drop_path[i], act_layer=act_layer,
+                norm_layer=norm_layer)
+            for i in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        for blk in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x)
+            else:
+                x = blk(x)
+        return x
+
+
+def _num_agent_blocks(attn_type: str, depths: Sequence[int]) -> List[int]:
+    """Leading agent blocks per stage from the official ``attn_type`` string ('AAAB', 'AAMB2', ...)."""
+    n = len(depths)
+    letters, suffix = attn_type[:n], attn_type[n:]
+    if len(letters) != n or any(c not in 'ABM' for c in letters) or ('M' in letters) != bool(suffix):
+        raise ValueError(f"attn_type must be {n} letters of A/B/M (plus the block count after an 'M'), "
+                         f'got {attn_type!r}')
+    out = []
+    for c, d in zip(letters, depths):
+        out.append(d if c == 'A' else 0 if c == 'B' else min(int(suffix), d))
+    return out
+
+
+class AgentSwinTransformer(nn.Module):
+    """Swin Transformer with global agent-attention blocks in the stages chosen by ``attn_type``.
+
+    Args:
+        img_size: Construction resolution (sizes the agent bias tables and the shift decisions; others run too).
+        patch_size: Patch size.
+        in_chans: Input channels.
+        num_classes: Classifier classes (0 = no head).
+        global_pool: 'avg' or '' (no pooling: ``forward_head`` returns the (B, H, W, C) map).
+        embed_dim: Stage-1 width (doubled per stage).
+        depths: Blocks per stage.
+        num_heads: Heads per stage.
+        window_size: The official ``WINDOW_SIZE`` (56 / 72 / 96); window blocks use ``max(7, window_size // 8)``.
+        mlp_ratio: MLP expansion.
+        qkv_bias: Bias in qkv.
+        agent_num: Agents per stage.
+        attn_type: Per-stage attention string, e.g. 'AAAB', 'AABB', 'AAMB2'.
+        patch_norm: LayerNorm after the patch embedding.
+        drop_rate: Dropout before the head.
+        proj_drop_rate: Dropout after projections / MLP.
+        attn_drop_rate: Attention dropout.
+        drop_path_rate: Stochastic depth (linear rule over all blocks).
+        norm_layer: Norm (default LayerNorm eps 1e-5, as official).
+        act_layer: MLP activation.
+        ape: Must be False (no released Agent-Swin uses an absolute position embedding).
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            patch_size: int = 4,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dim: int = 96,
+            depths: Sequence[int] = (2, 2, 6, 2),
+            num_heads: Sequence[int] = (3, 6, 12, 24),
+            window_size: int = 56,
+            mlp_ratio: float = 4.0,
+            qkv_bias: bool = True,
+            agent_num: Sequence[int] = (9, 16, 49, 49),
+            attn_type: str = 'AAAB',
+            patch_norm: bool = True,
+            drop_rate: float = 0.0,
+            proj_drop_rate: float = 0.0,
+            attn_drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+            norm_layer: Optional[Callable] = None,
+            act_layer: Optional[Callable] = None,
+            ape: bool = False,
+            **kwargs,
+    ):
+        super().__init__()
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        if ape:
+            raise ValueError('AgentSwinTransformer: ape=True (absolute position embedding) is not supported')
+        if len(num_heads) != len(depths) or len(agent_num) < len(depths):
+            raise ValueError(f'depths {depths}, num_heads {num_heads} and agent_num {agent_num} must have one entry '
+                             f'per stage')
+        norm_layer = norm_layer or nn.LayerNorm
+        act_layer = act_layer or nn.GELU
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.patch_size = patch_size
+        self.output_fmt = 'NHWC'
+        num_stages = len(depths)
+        dims = [int(embed_dim * 2 ** i) for i in range(num_stages)]
+        self.embed_dim = embed_dim
+        self.num_features = self.head_hidden_size = dims[-1]
+        self.window_size = window_size
+        self.attn_window_size = max(7, window_size // 8)  # the official rule for non-agent blocks
+
+        self.patch_embed = PatchEmbed(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+            norm_layer=norm_layer if patch_norm else None, flatten=False, output_fmt='NHWC', strict_img_size=False)
+        res = tuple(self.patch_embed.grid_size)
+
+        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device='cpu').split(list(depths))]
+        agent_blocks = _num_agent_blocks(attn_type, depths)
+        stages = []
+        self.feature_info = []
+        for i in range(num_stages):
+            if i > 0:
+                res = (-(-res[0] // 2), -(-res[1] // 2))  # PatchMerging pads odd maps
+            stages.append(AgentSwinStage(
+                dims[max(i - 1, 0)], dims[i], res, depths[i], num_heads[i], downsample=i > 0,
+                agent_num=int(agent_num[i]), num_agent_blocks=agent_blocks[i], window_size=self.attn_window_size,
+                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
+                drop_path=dpr[i], act_layer=act_layer, norm_layer=norm_layer))
+            self.feature_info.append(dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f'layers.{i}'))
+        self.layers = nn.Sequential(*stages)
+        self.norm = norm_layer(self.num_features)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """The official init: trunc_normal(.02) Linear with zero bias, unit LayerNorms (tables are set per module)."""
+        self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        # official: no_weight_decay_keywords = {'relative_position_bias_table'}
+        return {n for n, _ in self.named_parameters() if 'relative_position_bias_table' in n}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        return dict(
+            stem=r'^patch_embed',
+            blocks=r'^layers\.(\d+)' if coarse else [
+                (r'^layers\.(\d+)\.downsample', (0,)),
+                (r'^layers\.(\d+)\.\w+\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ('avg', ''):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        H, W = x.shape[-2:]
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f'{type(self).__name__}: input size {H}x{W} is not a multiple of the patch size {p}')
+        return self.patch_embed(x)  # B, h, w, C
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs as (B, C, H, W) maps (or (B, H, W, C) with ``output_fmt='NHWC'``).
+
+        Args:
+            x: Input images.
+            indices: Take the last n stages if an int, these stages if a list, all if None.
+            norm: Apply the final norm to the last stage's intermediate (the norm has the last stage's width).
+            stop_early: Stop after the last selected stage.
+            output_fmt: 'NCHW' or 'NHWC'.
+            intermediates_only: Return only the intermediates.
+        """
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        last = len(self.layers) - 1
+        x = self._embed(x)
+        stages = self.layers if not stop_early else self.layers[:max_index + 1]
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                y = self.norm(x) if norm and i == last else x
+                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else y)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages (and optionally norm / head) after the last of ``indices``; returns the kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H/32, W/32, C) normalised last-stage map."""
+        return self.norm(self.layers(self._embed(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'avg':
+            x = x.mean(dim=(1, 2))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def checkpoint_filter_fn(state_dict: Dict, model: AgentSwinTransformer) -> Dict[str, torch.Tensor]:
+    """Load an official Agent-Swin checkpoint (``{'model': state_dict}``, official key names) into ``model``.
+
+    Moves the official end-of-stage PatchMerging (``layers.{i}.downsample``) to the start of the next stage, drops
+    the recomputed ``relative_position_index`` / ``attn_mask`` buffers, resizes agent row/column biases (linear) and
+    relative-position tables (bicubic, as the official Swin loader) built for another resolution, then checks every
+    key and shape, raising :class:`~vitzoo.models._helpers.CheckpointError` that names the key.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    target = model.state_dict()
+    # official checkpoints merge at the end of a stage: stage 0 has a downsample, which vitzoo's layout never has
+    official = any(k.startswith('layers.0.downsample.') for k in state_dict)
+    out = {}
+    for k, v in state_dict.items():
+        if k.endswith(('relative_position_index', 'attn_mask')):
+            continue
+        if official:
+            k = re.sub(r'^layers\.(\d+)\.downsample\.', lambda m: f'layers.{int(m.group(1)) + 1}.downsample.', k)
+        if k in target and v.shape != target[k].shape:
+            name = k.rsplit('.', 1)[-1]
+            if name in _ROW_COL_BIASES and v.ndim == target[k].ndim:
+                dim = _ROW_COL_BIASES[name]
+                v = resize_bias_1d(v, target[k].shape[dim], dim)
+            elif name == 'relative_position_bias_table' and v.ndim == 2 and v.shape[1] == target[k].shape[1]:
+                ws = int(round((target[k].shape[0] ** 0.5 + 1) / 2))
+                v = resize_rel_pos_bias_table_simple(v, (ws, ws), tuple(target[k].shape))
+        out[k] = v
+    check_state_dict(out, model, skip_prefixes=('head.',))
+    return out
+
+
+def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    return build_model_with_cfg(
+        AgentSwinTransformer, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs)
+
+
+def _cfg(url: str = '', **kwargs) -> Dict:
+    return {
+        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj', 'classifier': 'head',
+        'paper_ids': 'arXiv:2312.08874', 'origin_url': 'https://github.com/LeapLabTHU/Agent-Attention',
+        'license': 'apache-2.0', **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'agent_swin_tiny.in1k': _cfg(),
+    'agent_swin_small.in1k': _cfg(),
+    # the 288 / 384 configs evaluate with TEST.CROP False: a direct resize
+    'agent_swin_small_288.in1k': _cfg(input_size=(3, 288, 288), pool_size=(9, 9), crop_pct=1.0),
+    'agent_swin_base.in1k': _cfg(),
+    'agent_swin_base_384.in1k': _cfg(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
+})
+
+
+@register_model
+def agent_swin_tiny(pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
+    """Agent-Swin-T @ 224: agent stages 1-3 ('AAAB'). 29M params, 4.5 GFLOPs, 82.6% top-1."""
+    model_args = dict(
+        embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=56, attn_type='AAAB')
+    return _create_agent_swin('agent_swin_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_swin_small(pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
+    """Agent-Swin-S @ 224: agent stages 1-2 ('AABB'). 50M params, 8.7 GFLOPs, 83.7% top-1."""
+    model_args = dict(
+        embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=56, attn_type='AABB')
+    return _create_agent_swin('agent_swin_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_swin_small_288(pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
+    """Agent-Swin-S @ 288 ('AABB', window 72 -> attention window 9). 50M params, 14.6 GFLOPs, 84.1% top-1."""
+    model_args = dict(
+        img_size=288, embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=72, attn_type='AABB')
+    return _create_agent_swin('agent_swin_small_288', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_swin_base(pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
+    """Agent-Swin-B @ 224: agent stages 1-2 + first 2 blocks of stage 3 ('AAMB2'). 88M, 15.4 GFLOPs, 84.0%."""
+    model_args = dict(
+        embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=56, attn_type='AAMB2')
+    return _create_agent_swin('agent_swin_base', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_swin_base_384(pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
+    """Agent-Swin-B @ 384 ('AAMB2', window 96 -> attention window 12). 88M params, 46.3 GFLOPs, 84.9% top-1."""
+    model_args = dict(
+        img_size=384, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=96,
+        attn_type='AAMB2')
+    return _create_agent_swin('agent_swin_base_384', pretrained=pretrained, **dict(model_args, **kwargs))
