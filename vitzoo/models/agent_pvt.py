@@ -1,0 +1,573 @@
+"""Agent-PVT
+
+Agent Attention: On the Integration of Softmax and Linear Attention (Han et al., ECCV 2024)
+    - https://arxiv.org/abs/2312.08874
+Official code: https://github.com/LeapLabTHU/Agent-Attention (``agent_transformer/models/agent_pvt.py``).
+
+A PVT v1 pyramid (4 stages: patch embed conv 4x4 then 2x2, each with its own LayerNorm and position embedding, then
+pre-norm blocks) whose attention is chosen per stage by ``attn_type``: 'A' = agent attention (with spatial reduction
+``int(agent_sr_ratios[i])``, 1 in every released model), 'B' = PVT's spatial-reduction softmax attention with
+``sr_ratios[i]``. The head is a linear layer on the mean of the last stage map; there is no final norm.
+
+Module layout is timm-style (``stages.{i}.patch_embed``, ``stages.{i}.pos_embed``, ``stages.{i}.blocks.{j}``,
+``head``); :func:`checkpoint_filter_fn` maps the official ``patch_embed{i}``, ``pos_embed{i}``, ``block{i}.{j}`` keys.
+
+Other input resolutions: height and width must be multiples of the patch size (4) and at least 32, otherwise a
+``ValueError`` is raised. As in the official code (classification and dense backbones), a stride-2 patch embedding of
+an odd-sized map drops its last row / column (a 280 px input gives 70, 35, 17, 8 token grids). When a stage's grid
+differs from its construction grid, its position embedding is resized
+bilinearly (align_corners=False, as the official ``_get_pos_embed``; the official code compares only the token count
+for stage 1, vitzoo compares the grid) and the agent row/column biases are linearly resized by
+:class:`~vitzoo.layers.agent_attention.AgentAttention`. The agent count does not change. Checkpoints loaded into a
+model built at another ``img_size`` get the same resizing applied to the stored tensors.
+
+Beyond the original: any input resolution, fused attention (SDPA) in both attention types, ``features_only``, grad
+checkpointing. Written for vitzoo.
+"""
+import logging
+import math
+import re
+from functools import partial
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.jit import Final
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_, use_fused_attn
+from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from vitzoo.layers.agent_attention import AgentAttention, resize_bias_1d
+from ._helpers import check_state_dict, unwrap_state_dict
+
+__all__ = ['AgentPVT']
+
+_logger = logging.getLogger(__name__)
+
+_ROW_COL_BIASES = {'ah_bias': 3, 'aw_bias': 4, 'ha_bias': 2, 'wa_bias': 3}  # name -> spatial axis
+
+
+class SpatialReductionAttention(nn.Module):
+    """PVT v1 spatial-reduction attention: softmax attention whose keys / values come from a strided-conv map.
+
+    Args:
+        dim: Channels.
+        num_heads: Heads.
+        qkv_bias: Bias in ``q`` / ``kv``.
+        attn_drop: Dropout on the attention map.
+        proj_drop: Dropout after ``proj``.
+        sr_ratio: Key/value reduction (conv kernel = stride); 1 = plain global attention.
+        norm_layer: Norm after the reduction (the official code uses LayerNorm with eps 1e-5 here).
+    """
+    fused_attn: Final[bool]
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            qkv_bias: bool = False,
+            attn_drop: float = 0.0,
+            proj_drop: float = 0.0,
+            sr_ratio: int = 1,
+            norm_layer: Callable = nn.LayerNorm,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'SpatialReductionAttention: dim {dim} must be divisible by num_heads {num_heads}')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.sr_ratio = sr_ratio
+        self.fused_attn = use_fused_attn()
+
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = norm_layer(dim)
+        else:
+            self.sr = None
+            self.norm = None
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        """Attend (B, h*w, C) tokens on the grid ``hw``."""
+        B, N, C = x.shape
+        q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        if self.sr is not None:
+            x = self.sr(x.transpose(1, 2).reshape(B, C, hw[0], hw[1])).flatten(2).transpose(1, 2)
+            x = self.norm(x)
+        # kv channels: k first, then v (official layout)
+        k, v = self.kv(x).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        else:
+            attn = (q @ k.transpose(-2, -1)) * self.scale
+            # fp32 softmax: the logits of a reduced-precision (autocast) forward can overflow in fp16
+            attn = attn.float().softmax(dim=-1).to(v.dtype)
+            attn = self.attn_drop(attn)
+            x = attn @ v
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm PVT block with agent attention (``attn_type='A'``) or spatial-reduction attention ('B')."""
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            mlp_ratio: float = 4.0,
+            qkv_bias: bool = True,
+            proj_drop: float = 0.0,
+            attn_drop: float = 0.0,
+            drop_path: float = 0.0,
+            act_layer: Callable = nn.GELU,
+            norm_layer: Callable = nn.LayerNorm,
+            attn_type: str = 'A',
+            sr_ratio: int = 1,
+            agent_num: int = 49,
+            window_size: Tuple[int, int] = (56, 56),
+    ):
+        super().__init__()
+        if attn_type not in ('A', 'B'):
+            raise ValueError(f"Block: attn_type must be 'A' (agent) or 'B' (spatial reduction), got {attn_type!r}")
+        self.norm1 = norm_layer(dim)
+        if attn_type == 'A':
+            self.attn = AgentAttention(
+                dim, num_heads=num_heads, agent_num=agent_num, window_size=window_size, qkv_bias=qkv_bias,
+                attn_drop=attn_drop, proj_drop=proj_drop, qkv_layout='q_kv', sr_ratio=sr_ratio,
+                fused_attn=use_fused_attn())
+        else:
+            self.attn = SpatialReductionAttention(
+                dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
+                sr_ratio=sr_ratio)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x), hw))
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping conv patch embedding + LayerNorm (eps 1e-5, as the official), giving (B, h, w, C).
+
+    A trailing partial patch is dropped (floor), as in the official code: stride-2 stages accept odd-sized maps.
+
+    Args:
+        in_chs: Input channels.
+        dim: Output channels.
+        patch_size: Kernel = stride.
+        input_size: Input map size at construction (sets ``grid_size``).
+    """
+
+    def __init__(self, in_chs: int, dim: int, patch_size: int, input_size: Tuple[int, int]):
+        super().__init__()
+        self.patch_size = patch_size
+        self.grid_size = (input_size[0] // patch_size, input_size[1] // patch_size)
+        self.proj = nn.Conv2d(in_chs, dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class AgentPvtStage(nn.Module):
+    """One pyramid stage: patch embedding (conv + LayerNorm eps 1e-5), position embedding, blocks.
+
+    Takes and returns (B, C, H, W) maps.
+
+    Args:
+        in_chs: Input channels.
+        dim: Stage width.
+        input_size: Input map size at construction (image size for stage 0).
+        patch_size: Patch (= stride) of the embedding conv.
+        depth: Blocks.
+        pos_drop: Dropout after adding the position embedding.
+        drop_path: Per-block stochastic depth rates.
+        **block_kwargs: Passed to every :class:`Block`.
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            dim: int,
+            input_size: Tuple[int, int],
+            patch_size: int,
+            depth: int,
+            pos_drop: float = 0.0,
+            drop_path: Sequence[float] = (),
+            **block_kwargs,
+    ):
+        super().__init__()
+        self.patch_embed = PatchEmbed(in_chs, dim, patch_size, input_size)
+        self.grid_size = tuple(self.patch_embed.grid_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], dim))
+        self.pos_drop = nn.Dropout(pos_drop)
+        drop_path = list(drop_path) or [0.0] * depth
+        self.blocks = nn.ModuleList([
+            Block(dim, drop_path=drop_path[j], window_size=self.grid_size, **block_kwargs) for j in range(depth)])
+        self.grad_checkpointing = False
+
+    def _pos_embed(self, hw: Tuple[int, int]) -> torch.Tensor:
+        pos = self.pos_embed
+        if tuple(hw) == self.grid_size:
+            return pos
+        # bilinear, align_corners=False, no antialias: what the official model does at other resolutions
+        C = pos.shape[-1]
+        pos = pos.reshape(1, self.grid_size[0], self.grid_size[1], C).permute(0, 3, 1, 2)
+        pos = F.interpolate(pos, size=hw, mode='bilinear', align_corners=False)
+        return pos.flatten(2).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)  # B, h, w, C
+        B, h, w, C = x.shape
+        x = self.pos_drop(x.reshape(B, h * w, C) + self._pos_embed((h, w)))
+        for blk in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x, (h, w))
+            else:
+                x = blk(x, (h, w))
+        return x.transpose(1, 2).reshape(B, C, h, w)
+
+
+class AgentPVT(nn.Module):
+    """PVT v1 with agent attention (Agent-PVT).
+
+    Args:
+        img_size: Construction resolution (sets the position embeddings and agent bias windows; others run too).
+        patch_size: Stage-1 patch size (later stages downsample by 2).
+        in_chans: Input channels.
+        num_classes: Classifier classes (0 = no head).
+        global_pool: 'avg' (mean of the last map, official) or '' (no pooling).
+        embed_dims: Width per stage.
+        num_heads: Heads per stage.
+        mlp_ratios: MLP expansion per stage.
+        qkv_bias: Bias in the q / kv projections.
+        depths: Blocks per stage.
+        sr_ratios: Spatial reduction of 'B' (softmax) stages.
+        agent_sr_ratios: Spatial reduction of 'A' (agent) stages, one digit (or int) per stage.
+        agent_num: Agents per stage (squares).
+        attn_type: One letter per stage, 'A' agent attention or 'B' spatial-reduction attention.
+        drop_rate: Dropout before the head.
+        pos_drop_rate: Dropout after adding the position embeddings.
+        proj_drop_rate: Dropout after projections / MLP (the official ``drop_rate``).
+        attn_drop_rate: Attention dropout.
+        drop_path_rate: Stochastic depth (linear rule over all blocks).
+        norm_layer: Block norm (default LayerNorm eps 1e-6; the patch embeddings keep eps 1e-5).
+        act_layer: MLP activation.
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            patch_size: int = 4,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dims: Sequence[int] = (64, 128, 320, 512),
+            num_heads: Sequence[int] = (1, 2, 5, 8),
+            mlp_ratios: Sequence[float] = (8, 8, 4, 4),
+            qkv_bias: bool = True,
+            depths: Sequence[int] = (2, 2, 2, 2),
+            sr_ratios: Sequence[int] = (8, 4, 2, 1),
+            agent_sr_ratios: Union[str, Sequence[int]] = '1111',
+            agent_num: Sequence[int] = (9, 16, 49, 49),
+            attn_type: str = 'AAAA',
+            drop_rate: float = 0.0,
+            pos_drop_rate: float = 0.0,
+            proj_drop_rate: float = 0.0,
+            attn_drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+            norm_layer: Optional[Callable] = None,
+            act_layer: Optional[Callable] = None,
+            **kwargs,
+    ):
+        super().__init__()
+        num_stages = len(depths)
+        for name, seq in (('embed_dims', embed_dims), ('num_heads', num_heads), ('mlp_ratios', mlp_ratios),
+                          ('sr_ratios', sr_ratios), ('agent_sr_ratios', agent_sr_ratios),
+                          ('agent_num', agent_num), ('attn_type', attn_type)):
+            if len(seq) < num_stages:
+                raise ValueError(f'AgentPVT: {name} needs one entry per stage ({num_stages}), got {seq!r}')
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
+        act_layer = act_layer or nn.GELU
+        img_size = to_2tuple(img_size)
+        self.patch_size = patch_size
+        self.min_size = patch_size * 2 ** (num_stages - 1)
+        if img_size[0] % patch_size or img_size[1] % patch_size or min(img_size) < self.min_size:
+            raise ValueError(f'AgentPVT: img_size {img_size} must be a multiple of {patch_size} and >= {self.min_size}')
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = embed_dims[num_stages - 1]
+        self.attn_type = attn_type[:num_stages]
+        self.grad_checkpointing = False
+
+        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        stages = []
+        in_chs, size, stride = in_chans, img_size, 1
+        self.feature_info = []
+        for i in range(num_stages):
+            p = patch_size if i == 0 else 2
+            kind = attn_type[i]
+            stages.append(AgentPvtStage(
+                in_chs, embed_dims[i], input_size=size, patch_size=p, depth=depths[i], pos_drop=pos_drop_rate,
+                drop_path=dpr[i], num_heads=num_heads[i], mlp_ratio=mlp_ratios[i], qkv_bias=qkv_bias,
+                proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, act_layer=act_layer, norm_layer=norm_layer,
+                attn_type=kind, sr_ratio=int(agent_sr_ratios[i]) if kind == 'A' else int(sr_ratios[i]),
+                agent_num=int(agent_num[i])))
+            in_chs, size, stride = embed_dims[i], stages[-1].grid_size, stride * p
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=stride, module=f'stages.{i}'))
+        self.stages = nn.Sequential(*stages)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """The official init: trunc_normal(.02) Linear weights and position embeddings, zero biases, unit norms."""
+        for stage in self.stages:
+            trunc_normal_(stage.pos_embed, std=.02)
+        self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        # The official model decays its position embeddings (it lists only a non-existent cls_token).
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        return dict(
+            stem=r'^stages\.0\.(?:patch_embed|pos_embed)',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^stages\.(\d+)\.(?:patch_embed|pos_embed)', (0,)),
+            ])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            if global_pool not in ('avg', ''):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        H, W = x.shape[-2:]
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(
+                f'{type(self).__name__}: input size {H}x{W} is not a multiple of the patch size {self.patch_size}')
+        if min(H, W) < self.min_size:
+            raise ValueError(f'{type(self).__name__}: input size {H}x{W} is smaller than {self.min_size}')
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs as (B, C, h, w) maps (or (B, h, w, C) with ``output_fmt='NHWC'``).
+
+        Args:
+            x: Input images.
+            indices: Take the last n stages if an int, these stages if a list, all if None.
+            norm: Accepted for the timm interface; Agent-PVT has no final norm, so it changes nothing.
+            stop_early: Stop after the last selected stage.
+            output_fmt: 'NCHW' or 'NHWC'.
+            intermediates_only: Return only the intermediates.
+        """
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        self._check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages if not stop_early else self.stages[:max_index + 1]
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                intermediates.append(x.permute(0, 2, 3, 1) if output_fmt == 'NHWC' else x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages (and optionally the head) after the last of ``indices``; returns the kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage map (B, C, h, w); there is no final norm."""
+        self._check_input(x)
+        return self.stages(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'avg':
+            x = x.mean(dim=(2, 3))
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+_OFFICIAL_KEYS = (
+    (re.compile(r'^patch_embed(\d+)\.'), lambda m: f'stages.{int(m.group(1)) - 1}.patch_embed.'),
+    (re.compile(r'^pos_embed(\d+)$'), lambda m: f'stages.{int(m.group(1)) - 1}.pos_embed'),
+    (re.compile(r'^block(\d+)\.(\d+)\.'), lambda m: f'stages.{int(m.group(1)) - 1}.blocks.{m.group(2)}.'),
+)
+
+
+def _old_grid(num_tokens: int, new_grid: Tuple[int, int]) -> Optional[Tuple[int, int]]:
+    """Grid of a stored position embedding: square (official), else the target's aspect ratio."""
+    side = int(round(math.sqrt(num_tokens)))
+    if side * side == num_tokens:
+        return side, side
+    h = int(round(math.sqrt(num_tokens * new_grid[0] / new_grid[1])))
+    if h > 0 and num_tokens % h == 0:
+        return h, num_tokens // h
+    return None
+
+
+def checkpoint_filter_fn(state_dict: Dict, model: AgentPVT) -> Dict[str, torch.Tensor]:
+    """Load an official Agent-PVT checkpoint (``{'model': state_dict}`` with official key names) into ``model``.
+
+    Renames ``patch_embed{i}`` / ``pos_embed{i}`` / ``block{i}.{j}`` to ``stages.{i-1}...`` (vitzoo checkpoints pass
+    through), resizes position embeddings and agent row/column biases when the model was built at another resolution,
+    then checks every key and shape, raising :class:`~vitzoo.models._helpers.CheckpointError` that names the key.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    target = model.state_dict()
+    out = {}
+    for k, v in state_dict.items():
+        for pattern, repl in _OFFICIAL_KEYS:
+            k, n = pattern.subn(repl, k)
+            if n:
+                break
+        if k in target and v.shape != target[k].shape:
+            leaf = k.rsplit('.', 1)[-1]
+            if leaf == 'pos_embed' and v.ndim == 3:
+                stage = model.stages[int(k.split('.')[1])]
+                old = _old_grid(v.shape[1], stage.grid_size)
+                if old is not None and v.shape[-1] == target[k].shape[-1]:
+                    _logger.info(f'Resizing {k} from grid {old} to {stage.grid_size}')
+                    dtype = v.dtype
+                    v = v.reshape(1, old[0], old[1], -1).permute(0, 3, 1, 2)
+                    v = F.interpolate(v.float(), size=stage.grid_size, mode='bilinear', align_corners=False)
+                    v = v.flatten(2).transpose(1, 2).to(dtype)
+            elif leaf in _ROW_COL_BIASES and v.ndim == target[k].ndim:
+                dim = _ROW_COL_BIASES[leaf]
+                v = resize_bias_1d(v, target[k].shape[dim], dim)
+        out[k] = v
+    check_state_dict(out, model, skip_prefixes=('head.',))
+    return out
+
+
+def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> AgentPVT:
+    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+    return build_model_with_cfg(
+        AgentPVT, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs)
+
+
+def _cfg(url: str = '', **kwargs) -> Dict:
+    return {
+        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stages.0.patch_embed.proj', 'classifier': 'head',
+        'paper_ids': 'arXiv:2312.08874', 'origin_url': 'https://github.com/LeapLabTHU/Agent-Attention',
+        'license': 'apache-2.0', **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'agent_pvt_tiny.in1k': _cfg(),
+    'agent_pvt_small.in1k': _cfg(),
+    'agent_pvt_medium.in1k': _cfg(),
+    # agent_pvt_m_256 keeps the default test crop (only the 288/384 cfgs set TEST.CROP False)
+    'agent_pvt_medium_256.in1k': _cfg(input_size=(3, 256, 256), pool_size=(8, 8)),
+    'agent_pvt_large.in1k': _cfg(),
+})
+
+_PVT_ARGS = dict(
+    patch_size=4, embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4), qkv_bias=True,
+    sr_ratios=(8, 4, 2, 1), agent_sr_ratios='1111', agent_num=(9, 16, 49, 49), attn_type='AAAA')
+
+
+@register_model
+def agent_pvt_tiny(pretrained: bool = False, **kwargs) -> AgentPVT:
+    """Agent-PVT-T @ 224, depths 2-2-2-2, agents 9/16/49/49. 11.6M params, 2.0 GFLOPs, 78.4% top-1."""
+    model_args = dict(_PVT_ARGS, depths=(2, 2, 2, 2))
+    return _create_agent_pvt('agent_pvt_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_pvt_small(pretrained: bool = False, **kwargs) -> AgentPVT:
+    """Agent-PVT-S @ 224, depths 3-4-6-3. 20.6M params, 4.0 GFLOPs, 82.2% top-1."""
+    model_args = dict(_PVT_ARGS, depths=(3, 4, 6, 3))
+    return _create_agent_pvt('agent_pvt_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_pvt_medium(pretrained: bool = False, **kwargs) -> AgentPVT:
+    """Agent-PVT-M @ 224, depths 3-4-18-3. 35.9M params, 7.0 GFLOPs, 83.4% top-1."""
+    model_args = dict(_PVT_ARGS, depths=(3, 4, 18, 3))
+    return _create_agent_pvt('agent_pvt_medium', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_pvt_medium_256(pretrained: bool = False, **kwargs) -> AgentPVT:
+    """Agent-PVT-M @ 256 (cfg agent_pvt_m_256). 36.1M params, 9.2 GFLOPs, 83.8% top-1."""
+    model_args = dict(_PVT_ARGS, img_size=256, depths=(3, 4, 18, 3))
+    return _create_agent_pvt('agent_pvt_medium_256', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def agent_pvt_large(pretrained: bool = False, **kwargs) -> AgentPVT:
+    """Agent-PVT-L @ 224, depths 3-8-27-3 (official cfg agent_pvt_b). 48.7M params, 10.4 GFLOPs, 83.7% top-1."""
+    model_args = dict(_PVT_ARGS, depths=(3, 8, 27, 3))
+    return _create_agent_pvt('agent_pvt_large', pretrained=pretrained, **dict(model_args, **kwargs))
