@@ -1,0 +1,400 @@
+"""Sparsifiner attention: a low-rank connectivity predictor plus top-k sparse softmax attention.
+
+Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient Vision Transformers (Wei et al., CVPR 2023),
+https://arxiv.org/abs/2303.13755. Official code: https://github.com/lim142857/Sparsifiner
+(``src/models/sparsifiner.py``, class ``MaskPredictor``).
+
+Per head, with Q, K the block's own (unscaled) queries / keys and n tokens (one class token first):
+
+    C = softmax((Q W_cq + b_cq) ((K W_ck + b_ck)ᵀ P_down) · H^-1/2)      over the rank axis, class-token row dropped
+    Ã = topk_t(C) · thr_τ(|P_up|)ᵀ                                         the "approximate attention" (n-1, n)
+    M = row-wise top-⌈ρ·n⌉ of Ã, plus a dense class-token row              the binary connectivity mask
+    O = softmax(mask_M(Q Kᵀ / √d)) V
+
+``proj_c_q`` / ``proj_c_k`` (d → d / reduce_c) are shared by the heads, ``proj_n`` (P_down) and ``proj_back_n`` (P_up)
+are (n, rank) token-axis projections shared by the heads. The official quirks that decide which keys are kept are
+kept on purpose: the predictor scale is ``num_heads ** -0.5`` (not the reduced width), the softmax runs over the rank
+axis, only the top ``basis_topk`` coefficients survive (no renormalisation), the basis is ``|P_up|`` with entries
+``<= basis_threshold`` zeroed, and the top-k budget ⌈ρ·n⌉ counts the class-token column. In the phase-1 "attention
+reconstruction" mode (``signed_basis=True``) the coefficients stay dense and the basis is the signed ``P_up``.
+
+Beyond the official code:
+- **any resolution**: ``proj_n`` / ``proj_back_n`` are tied to the construction grid (197 tokens at 224²) in the
+  original, which fails at any other size. Here their patch rows are treated as a (h, w, rank) grid and resized
+  bicubically to the actual token grid (class-token row unchanged), like a position table. ``proj_n`` sums over tokens
+  (Linformer-style), so its resized patch rows are scaled by ``old_patches / new_patches`` to keep the magnitude of
+  the rank coefficients' logits; ``proj_back_n`` is a per-key value and is not rescaled. The budget is ⌈ρ·n⌉ of the
+  actual token count;
+- **no dense -inf matrix + nan_to_num**: the kept keys become an additive 0 / -inf bias that goes straight into
+  ``F.scaled_dot_product_attention`` (measured on CPU: a float bias costs ~8% over unmasked SDPA, a bool mask ~2.2x,
+  gather-based attention over the 50 kept keys ~35x); the explicit path (``fused_attn=False``) materialises the same
+  masked softmax. The unmasked softmax the original always computes (only for a disabled self-distillation loss) is
+  skipped;
+- **physical token dropping**: with ``token_idx`` the attention runs on the kept tokens only and the token projections
+  are gathered to them (the original zeroes pruned tokens but keeps computing them);
+- **straight-through mask gradient** (``mask_grad=True``): the connectivity mask is a hard top-k and carries no
+  gradient in the original (``attn_mask.detach_()``). Here, when the predictor's parameters require gradients, the
+  kept entries of the additive bias are ``Ã - Ã.detach()`` (exactly 0 in value), so the task loss reaches the
+  predictor as the gradient of a logit bias on the kept connections. The outputs are bit-identical. The predictor reads
+  detached q / k, so this path (and the phase-1 reconstruction loss) never sends gradient into the backbone: with the
+  official two-phase schedule (predictor frozen in phase 2) the backbone's gradients equal the original's;
+- the top-k budget is recomputed every call (the original writes ``min(budget, #tokens)`` back into the module, so a
+  token-pruned call shrinks the budget of every later call).
+
+This module imports only torch.
+"""
+import math
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    'ConnectivityPredictor', 'SparseAttention', 'resize_token_projection', 'attention_budget', 'mask_from_indices',
+]
+
+
+def _trunc_normal_(t: torch.Tensor, std: float = 0.02) -> torch.Tensor:
+    # Same distribution as timm's trunc_normal_(std=.02) (bounds ±2 absolute, i.e. effectively untruncated).
+    return nn.init.trunc_normal_(t, std=std, a=-2.0, b=2.0)
+
+
+def resize_token_projection(
+        weight: torch.Tensor,
+        new_grid: Tuple[int, int],
+        old_grid: Tuple[int, int],
+        num_prefix_tokens: int = 1,
+        rescale: bool = False,
+) -> torch.Tensor:
+    """Resize the token axis of an (n, rank) projection from an ``old_grid`` of patches to ``new_grid``.
+
+    The prefix (class-token) rows are kept; the patch rows are resized bicubically as an (h, w, rank) map.
+
+    Args:
+        weight: (prefix + old_h * old_w, rank) tensor.
+        new_grid: Target (h, w) patch grid.
+        old_grid: Grid the weight was made for.
+        num_prefix_tokens: Leading non-patch rows.
+        rescale: Multiply the patch rows by ``old_patches / new_patches`` (for projections that sum over tokens).
+    """
+    new_grid, old_grid = tuple(new_grid), tuple(old_grid)
+    if new_grid == old_grid:
+        return weight
+    n_old = old_grid[0] * old_grid[1]
+    if weight.shape[0] != num_prefix_tokens + n_old:
+        raise ValueError(f'token projection has {weight.shape[0]} rows, expected {num_prefix_tokens} + {old_grid[0]}x'
+                         f'{old_grid[1]} = {num_prefix_tokens + n_old}')
+    prefix, grid = weight[:num_prefix_tokens], weight[num_prefix_tokens:]
+    rank = grid.shape[-1]
+    grid = grid.reshape(1, old_grid[0], old_grid[1], rank).permute(0, 3, 1, 2)
+    # antialias only matters when shrinking; float64 stays float64 (the exact-parity mode), half types go via fp32
+    work = grid if grid.dtype in (torch.float32, torch.float64) else grid.float()
+    grid = F.interpolate(work, size=new_grid, mode='bicubic', align_corners=False, antialias=True)
+    grid = grid.to(weight.dtype).permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], rank)
+    if rescale:
+        grid = grid * (n_old / (new_grid[0] * new_grid[1]))
+    return torch.cat([prefix, grid], dim=0)
+
+
+def attention_budget(keep_rate: float, num_tokens: int, num_active: Optional[int] = None, num_prefix_tokens: int = 1,
+                     ) -> int:
+    """Keys kept per predicted query row: ⌈keep_rate · num_tokens⌉, at most the active non-prefix tokens (official).
+
+    Args:
+        keep_rate: Attention keep ratio ρ.
+        num_tokens: Tokens of the full (unpruned) sequence, class token included (197 at 224²).
+        num_active: Tokens present now (after token pruning), class token included.
+        num_prefix_tokens: Leading non-patch tokens.
+    """
+    budget = math.ceil(keep_rate * num_tokens)
+    if num_active is not None and num_active < num_tokens:
+        budget = min(budget, num_active - num_prefix_tokens)
+    return budget
+
+
+def mask_from_indices(
+        idx: Optional[torch.Tensor],
+        num_tokens: int,
+        num_prefix_tokens: int = 1,
+        shape: Optional[Sequence[int]] = None,
+        device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """Dense boolean (B, H, n, n) connectivity mask from the kept-key indices (B, H, n - prefix, k).
+
+    Prefix-query rows are dense (official). ``idx=None`` (a dense layer) gives all True of ``shape`` (B, H).
+    """
+    if idx is None:
+        if shape is None:
+            raise ValueError('mask_from_indices needs shape=(B, H) when idx is None')
+        return torch.ones(*shape, num_tokens, num_tokens, dtype=torch.bool, device=device)
+    B, H = idx.shape[:2]
+    mask = torch.zeros(B, H, num_tokens, num_tokens, dtype=torch.bool, device=idx.device)
+    mask[:, :, :num_prefix_tokens] = True
+    mask[:, :, num_prefix_tokens:].scatter_(-1, idx, True)
+    return mask
+
+
+class ConnectivityPredictor(nn.Module):
+    """The official ``MaskPredictor``: low-rank approximate attention of the non-prefix queries.
+
+    Parameter names and order follow the official checkpoints (``proj_n``, ``proj_back_n``, ``proj_c_q``,
+    ``proj_c_k``).
+
+    Args:
+        head_dim: Per-head width d.
+        num_heads: Heads H (sets the quirky scale H^-1/2).
+        grid_size: Construction patch grid (h, w); the projections have 1 + h * w rows.
+        rank: Token-axis rank (default ``(prefix + h * w) // reduce_n_factor``, 32 at 224²).
+        reduce_n_factor: Rank divisor when ``rank`` is None.
+        reduce_c_factor: d / reduced width of the per-head q / k projections.
+        basis_topk: Rank coefficients kept per query row (sparse mode).
+        basis_threshold: |P_up| entries <= this are zeroed (sparse mode).
+        share_inout_proj: Use one tensor for ``proj_n`` and ``proj_back_n``.
+        num_prefix_tokens: Leading non-patch tokens (1: the class token).
+    """
+
+    def __init__(
+            self,
+            head_dim: int,
+            num_heads: int,
+            grid_size: Tuple[int, int] = (14, 14),
+            rank: Optional[int] = None,
+            reduce_n_factor: int = 6,
+            reduce_c_factor: int = 2,
+            basis_topk: int = 8,
+            basis_threshold: float = 0.02,
+            share_inout_proj: bool = False,
+            num_prefix_tokens: int = 1,
+    ):
+        super().__init__()
+        self.grid_size = tuple(grid_size)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.num_tokens = num_prefix_tokens + self.grid_size[0] * self.grid_size[1]
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.reduced_c = head_dim // reduce_c_factor
+        self.rank = int(rank) if rank else int(self.num_tokens // reduce_n_factor)
+        if self.rank < 1 or self.reduced_c < 1:
+            raise ValueError(f'ConnectivityPredictor: rank {self.rank} and reduced width {self.reduced_c} must be >= 1')
+        if basis_topk < 1:
+            raise ValueError(f'basis_topk must be >= 1, got {basis_topk}')
+        self.basis_topk = min(int(basis_topk), self.rank)
+        self.basis_threshold = float(basis_threshold)
+        self.scale = num_heads ** -0.5  # official quirk: not reduced_c ** -0.5
+
+        self.proj_n = nn.Parameter(_trunc_normal_(torch.zeros(self.num_tokens, self.rank)))
+        if share_inout_proj:
+            self.proj_back_n = self.proj_n
+        else:
+            self.proj_back_n = nn.Parameter(_trunc_normal_(torch.zeros(self.num_tokens, self.rank)))
+        self.proj_c_q = nn.Linear(head_dim, self.reduced_c)
+        self.proj_c_k = nn.Linear(head_dim, self.reduced_c)
+
+    def token_projections(
+            self,
+            grid: Tuple[int, int],
+            token_idx: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(P_down, P_up) for a token grid: resized if it is not the construction grid, gathered to kept tokens.
+
+        Returns (n, rank) tensors, or (B, 1, n, rank) when ``token_idx`` (B, kept) selects per-image patch tokens.
+        """
+        p_down = resize_token_projection(self.proj_n, grid, self.grid_size, self.num_prefix_tokens, rescale=True)
+        if self.proj_back_n is self.proj_n:
+            p_up = resize_token_projection(self.proj_n, grid, self.grid_size, self.num_prefix_tokens)
+        else:
+            p_up = resize_token_projection(self.proj_back_n, grid, self.grid_size, self.num_prefix_tokens)
+        if token_idx is not None:
+            p_down, p_up = (_gather_tokens(p, token_idx, self.num_prefix_tokens) for p in (p_down, p_up))
+        return p_down, p_up
+
+    def forward(
+            self,
+            q: torch.Tensor,
+            k: torch.Tensor,
+            grid: Tuple[int, int],
+            token_idx: Optional[torch.Tensor] = None,
+            signed_basis: bool = False,
+    ) -> torch.Tensor:
+        """Approximate attention (B, H, n - prefix, n) of the non-prefix queries.
+
+        Args:
+            q: Unscaled queries (B, H, n, d).
+            k: Keys (B, H, n, d).
+            grid: Full patch grid of the image (h, w).
+            token_idx: (B, kept) patch indices of the tokens present in q / k (after token pruning).
+            signed_basis: Phase-1 form (dense coefficients, signed P_up) instead of the sparse one.
+        """
+        npt = self.num_prefix_tokens
+        p_down, p_up = self.token_projections(grid, token_idx)
+        qc = self.proj_c_q(q[:, :, npt:])  # the prefix query rows are dense: no prediction needed
+        kc = self.proj_c_k(k)
+        # same association and operand layouts as the original so that fp32 near-ties resolve identically
+        k_down = kc.transpose(-2, -1) @ p_down  # B, H, c, rank
+        coef = ((qc @ k_down) * self.scale).softmax(dim=-1)  # B, H, n - prefix, rank
+        basis = p_up.transpose(-2, -1)  # rank, n
+        if not signed_basis:
+            basis = F.threshold(basis.abs(), self.basis_threshold, 0.)
+            if self.basis_topk < self.rank:
+                val, ind = coef.topk(self.basis_topk, dim=-1, sorted=False)
+                coef = torch.zeros_like(coef).scatter_(-1, ind, val)
+        return coef @ basis
+
+
+def _gather_tokens(p: torch.Tensor, token_idx: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Rows of an (n, r) projection for the prefix tokens and the kept patches: (B, 1, prefix + kept, r)."""
+    B = token_idx.shape[0]
+    prefix = p[:num_prefix_tokens].expand(B, -1, -1)
+    patches = p[num_prefix_tokens:][token_idx]  # B, kept, r
+    return torch.cat([prefix, patches], dim=1).unsqueeze(1)
+
+
+def _mask_bias(approx: torch.Tensor, idx: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
+    """Additive (B, H, n, n) bias: 0 on kept keys and on the prefix rows, -inf elsewhere.
+
+    When ``approx`` requires grad, the kept entries are ``approx - approx.detach()`` (0 in value): a straight-through
+    path from the attention logits to the predictor.
+    """
+    B, H, nq, n = approx.shape
+    bias = approx.new_full((B, H, n, n), float('-inf'))
+    bias[:, :, :num_prefix_tokens] = 0.
+    if approx.requires_grad:
+        bias[:, :, num_prefix_tokens:].scatter_(-1, idx, torch.gather(approx - approx.detach(), -1, idx))
+    else:
+        bias[:, :, num_prefix_tokens:].scatter_(-1, idx, 0.)
+    return bias
+
+
+class SparseAttention(nn.Module):
+    """Multi-head self-attention whose non-prefix queries attend only to predicted top-k keys.
+
+    ``qkv`` / ``proj`` follow the timm / official names, the predictor is ``mask_predictor`` (official name).
+
+    Modes (set by the owning model):
+      - eval, or train with ``attn_recon=False``: sparse attention (the deployed model, phase 2);
+      - train with ``attn_recon=True``: phase 1 "attention reconstruction": dense attention, signed-basis predictor;
+      - ``keep_rate >= 1`` outside phase 1: dense attention and no predictor.
+
+    Args:
+        dim: Width.
+        num_heads: Heads.
+        grid_size: Construction patch grid (sets the predictor's token projections).
+        keep_rate: Attention keep ratio ρ (budget ⌈ρ·n⌉ keys per query row).
+        rank: Predictor rank (None: n // reduce_n_factor).
+        reduce_n_factor: See :class:`ConnectivityPredictor`.
+        reduce_c_factor: See :class:`ConnectivityPredictor`.
+        basis_topk: See :class:`ConnectivityPredictor`.
+        basis_threshold: See :class:`ConnectivityPredictor`.
+        share_inout_proj: See :class:`ConnectivityPredictor`.
+        qkv_bias: Bias in qkv.
+        attn_drop: Attention dropout (not applied by the original, which ignores its ``attn_drop_rate``).
+        proj_drop: Output dropout.
+        num_prefix_tokens: Leading non-patch tokens (dense query rows).
+        fused_attn: Use ``F.scaled_dot_product_attention`` (else the explicit masked softmax).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            grid_size: Tuple[int, int] = (14, 14),
+            keep_rate: float = 0.25,
+            rank: Optional[int] = None,
+            reduce_n_factor: int = 6,
+            reduce_c_factor: int = 2,
+            basis_topk: int = 8,
+            basis_threshold: float = 0.02,
+            share_inout_proj: bool = False,
+            qkv_bias: bool = True,
+            attn_drop: float = 0.0,
+            proj_drop: float = 0.0,
+            num_prefix_tokens: int = 1,
+            fused_attn: bool = True,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'dim {dim} must be divisible by num_heads {num_heads}')
+        if keep_rate <= 0:
+            raise ValueError(f'keep_rate must be > 0, got {keep_rate}')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.keep_rate = float(keep_rate)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.fused_attn = fused_attn
+        self.attn_recon = False  # phase-1 mode (only in train mode); set by the model
+        self.mask_grad = True  # straight-through mask gradient to the predictor (see the module docstring)
+
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.mask_predictor = ConnectivityPredictor(
+            self.head_dim, num_heads, grid_size=grid_size, rank=rank, reduce_n_factor=reduce_n_factor,
+            reduce_c_factor=reduce_c_factor, basis_topk=basis_topk, basis_threshold=basis_threshold,
+            share_inout_proj=share_inout_proj, num_prefix_tokens=num_prefix_tokens)
+
+    def budget(self, grid: Tuple[int, int], num_active: int) -> int:
+        """Kept keys per predicted query row for an image grid with ``num_active`` tokens present."""
+        return attention_budget(self.keep_rate, self.num_prefix_tokens + grid[0] * grid[1], num_active,
+                                self.num_prefix_tokens)
+
+    def forward(
+            self,
+            x: torch.Tensor,
+            grid: Tuple[int, int],
+            token_idx: Optional[torch.Tensor] = None,
+            return_attn: bool = False,
+            need_cls_attn: bool = False,
+    ) -> Tuple[torch.Tensor, Dict[str, Optional[torch.Tensor]]]:
+        """Attend; returns the output and a dict of side outputs.
+
+        Args:
+            x: Tokens (B, n, C): prefix tokens first, then the (kept) patch tokens.
+            grid: The image's full patch grid (h, w).
+            token_idx: (B, kept) patch indices of the tokens in ``x`` when tokens were pruned.
+            return_attn: Also return the attention probabilities (explicit path).
+            need_cls_attn: Also return the first prefix query's attention over the patch tokens (B, H, n - prefix).
+
+        Side outputs: ``approx`` (B, H, n - prefix, n) or None, ``idx`` kept-key indices (B, H, n - prefix, k) or None
+        (dense), ``attn`` and ``cls_attn`` when asked.
+        """
+        B, N, C = x.shape
+        npt = self.num_prefix_tokens
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+
+        phase1 = self.training and self.attn_recon
+        budget = self.budget(grid, N)
+        sparse = not phase1 and budget < N
+        approx = idx = bias = None
+        if phase1 or sparse:
+            pred = self.mask_predictor
+            grad_to_pred = torch.is_grad_enabled() and any(p.requires_grad for p in pred.parameters())
+            with torch.set_grad_enabled(grad_to_pred and (phase1 or self.mask_grad)):
+                # detached q / k: the backbone is never trained through the predictor (see module docstring)
+                approx = pred(q.detach(), k.detach(), grid, token_idx, signed_basis=phase1)
+        if sparse:
+            idx = approx.topk(budget, dim=-1, sorted=False)[1]
+            bias = _mask_bias(approx, idx, npt)
+
+        out: Dict[str, Optional[torch.Tensor]] = {'approx': approx, 'idx': idx}
+        if self.fused_attn and not return_attn:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.)
+            if need_cls_attn:
+                out['cls_attn'] = ((q[:, :, :1] @ k.transpose(-2, -1)) * self.scale).softmax(-1)[:, :, 0, npt:]
+        else:
+            attn = (q @ k.transpose(-2, -1)) * self.scale
+            if bias is not None:
+                attn = attn + bias
+            attn = attn.softmax(dim=-1)
+            if return_attn:
+                out['attn'] = attn
+            if need_cls_attn:
+                out['cls_attn'] = attn[:, :, 0, npt:]
+            x = self.attn_drop(attn) @ v
+        x = x.transpose(1, 2).reshape(B, N, C)
+        x = self.proj_drop(self.proj(x))
+        return x, out
