@@ -75,7 +75,7 @@ def print_table(title: str, rows: List[Dict], out: Optional[Path] = None) -> Non
     """Print rows as an aligned table (and save them as CSV next to the JSON results)."""
     if not rows:
         return
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(c for r in rows for c in r))  # union, first-seen order (rows may differ)
     fmt = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
     print(f'\n## {title}')
     print('  '.join(c.ljust(fmt[c]) for c in cols))
