@@ -103,3 +103,18 @@ def test_bad_token_count_names_shapes():
         m(torch.randn(1, 35, 16), (6, 6))
     with pytest.raises(ValueError, match='square'):
         AgentAttention(16, num_heads=2, agent_num=10)
+
+
+def test_single_item_batch_uses_gemm_aggregation_and_matches():
+    """B x H below the thread count takes the GEMM path for the aggregation stage; results are unchanged."""
+    m = _randomize(AgentAttention(16, num_heads=1, agent_num=9, window_size=(10, 10), qkv_layout='q_kv')).eval()
+    x = torch.randn(1, 100, 16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        y_mixed = m(x, (10, 10))
+        m.fused_attn = False
+        y_explicit = m(x, (10, 10))
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(y_mixed, y_explicit, atol=1e-5, rtol=1e-5)

@@ -95,14 +95,21 @@ def agent_attention(
     Returns:
         (B, H, N, d) output.
     """
-    if fused:
+    B, H = q.shape[:2]
+    # The CPU flash kernel parallelises over (batch, head, query block); the aggregation stage has only n_a queries
+    # (one block), so with fewer (batch x head) items than threads it runs on one core over all N keys — several
+    # times slower than the GEMM path, which parallelises over N. Use SDPA there only when it can fill the cores.
+    fused1 = fused and (q.device.type != 'cpu' or B * H >= torch.get_num_threads())
+    if fused1:
         agent_v = F.scaled_dot_product_attention(agents, k, v, attn_mask=bias1, dropout_p=dropout_p, scale=scale)
+    else:
+        # Explicit path, in the official order: scale applied to the tokens, then bias, then softmax.
+        attn = ((agents * scale) @ k.transpose(-2, -1) + bias1).softmax(dim=-1)
+        if dropout_p > 0.0:
+            attn = F.dropout(attn, p=dropout_p)
+        agent_v = attn @ v
+    if fused:
         return F.scaled_dot_product_attention(q, agents, agent_v, attn_mask=bias2, dropout_p=dropout_p, scale=scale)
-    # Explicit path, in the official order: scale applied to the tokens, then bias, then softmax.
-    attn = ((agents * scale) @ k.transpose(-2, -1) + bias1).softmax(dim=-1)
-    if dropout_p > 0.0:
-        attn = F.dropout(attn, p=dropout_p)
-    agent_v = attn @ v
     attn = ((q * scale) @ agents.transpose(-2, -1) + bias2).softmax(dim=-1)
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p)
