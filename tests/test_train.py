@@ -1,0 +1,190 @@
+"""tools/train.py: DDP, exact resume after SIGKILL, method losses, a learning demo, clear errors."""
+import csv
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import timm
+from vitzoo.data.shapes import write_image_folder
+from vitzoo.train_utils import TrainError
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / 'tools' / 'train.py'
+_spec = importlib.util.spec_from_file_location('vitzoo_train_tool', TRAIN)
+train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train)
+
+# a 35k-parameter Agent-DeiT at 32 px (4x4 patches of 8 px, 16 agents)
+TINY = ['--model', 'agent_deit_tiny', '--img-size', '32', '--model-kwargs', 'patch_size=8', 'embed_dim=32',
+        'depth=2', 'num_heads=2', 'agent_num=4']
+FAST = ['--threads', '1', '-j', '0', '-b', '8', '--lr', '1e-3', '--warmup-epochs', '0', '--crop-pct', '1.0']
+ENV = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(ROOT))
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp('train_data') / 'shapes'
+    return write_image_folder(root, num_train=48, num_val=16, num_classes=4, img_size=32, seed=0, progress=False)
+
+
+def _rows(out_dir) -> list:
+    with open(Path(out_dir) / 'summary.csv') as f:
+        return list(csv.DictReader(f))
+
+
+def _load(path) -> dict:
+    return torch.load(path, map_location='cpu', weights_only=True)  # must work: tensors / primitives only
+
+
+def test_torchrun_two_processes_gloo(data, tmp_path):
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(TRAIN),
+           '--data-dir', str(data), *TINY, *FAST, '--epochs', '1', '--drop-path', '0.1', '--output', str(tmp_path),
+           '--experiment', 'ddp', '--debug-dump-rank-params']
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / 'ddp'
+    p0, p1 = _load(out / 'rank0_params.pth'), _load(out / 'rank1_params.pth')
+    assert p0.keys() == p1.keys()
+    for k in p0:
+        assert torch.equal(p0[k], p1[k]), k
+    ckpt = _load(out / 'last.pth')
+    assert ckpt['epoch'] == 0 and ckpt['step_in_epoch'] == 3  # 48 images / (2 ranks x 8) = 3 steps
+    # the checkpoint is the trained model (not the initial one) and equals every rank's weights
+    assert all(torch.equal(ckpt['model'][k], p0[k]) for k in p0)
+    assert sorted(p.name for p in out.glob('*.pth')) == ['best.pth', 'last.pth', 'rank0_params.pth',
+                                                         'rank1_params.pth']
+    rows = _rows(out)
+    assert len(rows) == 1 and {'epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr'} <= rows[0].keys()
+    assert (out / 'args.yaml').read_text().count('world_size: 2') == 1
+
+
+def test_sigkill_mid_epoch_then_resume_is_exact(data, tmp_path):
+    # random augmentation, mixup, drop-path, EMA and a per-step schedule: all must be restored exactly
+    common = ['--data-dir', str(data), *TINY, *FAST, '--epochs', '2', '--drop-path', '0.1', '--mixup', '0.2',
+              '--hflip', '0.5', '--scale', '0.5', '1.0', '--model-ema', '--model-ema-decay', '0.9',
+              '--sched-on-updates', '--warmup-epochs', '1', '--checkpoint-interval', '2', '--output', str(tmp_path),
+              '--seed', '3']
+    ref = train.main(common + ['--experiment', 'ref'])
+    # 6 steps per epoch; killed at global step 9 = epoch 1 step 3, the last save was epoch 1 step 2
+    res = subprocess.run([sys.executable, str(TRAIN), *common, '--experiment', 'killed', '--debug-sigkill-at-step',
+                          '9'], env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
+    last = tmp_path / 'killed' / 'last.pth'
+    state = _load(last)
+    assert (state['epoch'], state['step_in_epoch'], state['num_updates']) == (1, 2, 8)
+    assert not list((tmp_path / 'killed').glob('.*.tmp'))  # no temporary file left behind
+    resumed = train.main(common + ['--resume', str(last)])
+    assert resumed['output_dir'] == str(tmp_path / 'killed')
+    a, b = _load(tmp_path / 'ref' / 'last.pth'), _load(last)
+    for key in ('model', 'model_ema'):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    for pa, pb in zip(a['optimizer']['state'].values(), b['optimizer']['state'].values()):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert b['num_updates'] == 12
+    assert [r['train_loss'] for r in _rows(tmp_path / 'ref')] == [r['train_loss'] for r in _rows(tmp_path / 'killed')]
+    assert resumed['eval_top1'] == ref['eval_top1'] and resumed['eval_loss'] == ref['eval_loss']
+
+
+def _tiny_ckpt(tmp_path, name, **kw) -> str:
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=4, **kw)
+    path = str(tmp_path / f'{name}_init.pth')
+    torch.save({'model': model.state_dict()}, path)
+    return path
+
+
+SPARS = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+
+
+@pytest.mark.parametrize('method', ['adl_fan', 'sat', 'sparsifiner_attn_recon', 'sparsifiner_distill'])
+def test_method_losses(data, tmp_path, method, capsys):
+    args = ['--data-dir', str(data), *FAST, '--epochs', '1', '--max-steps-per-epoch', '2', '--img-size', '32',
+            '--output', str(tmp_path), '--experiment', method, '--log-interval', '1']
+    if method == 'adl_fan':
+        args += ['--model', 'tap_fan_tiny_12_p16_224', '--model-kwargs', 'embed_dim=32', 'depth=2', 'num_heads=2',
+                 'patch_size=8', '--adl-weight', '0.5',
+                 '--adl-threshold', '0.5']  # the default 2 / N zeroes the near-uniform maps of a fresh model
+        terms = ['cls_loss', 'adl_loss']
+    elif method == 'sat':
+        args += ['--model', 'sat_deit_tiny', '--model-kwargs', 'embed_dim=32', 'depth=3', 'num_heads=2',
+                 'patch_size=8', 'num_spatial_blocks=2', '--area-thr', '0.3']
+        terms = ['cls_loss', 'area_loss', 'norm_loss']
+    else:
+        phase = method.split('_', 1)[1]
+        init = _tiny_ckpt(tmp_path, 'sparsifiner_deit_tiny', **SPARS)
+        args += ['--model', 'sparsifiner_deit_tiny', '--model-kwargs', *[f'{k}={v}' for k, v in SPARS.items()
+                                                                        if k != 'img_size'],
+                 '--sparsifiner-phase', phase, '--initial-checkpoint', init]
+        terms = ['attn_recon_loss'] if phase == 'attn_recon' else ['cls_loss', 'cls_distill_loss',
+                                                                   'token_distill_loss']
+    out = train.main(args)
+    log = capsys.readouterr().err
+    row = _rows(out['output_dir'])[0]
+    for t in terms:
+        assert float(row[f'train_{t}']) == float(row[f'train_{t}']) and f'{t}=' in log, t  # finite, logged
+        assert float(row[f'train_{t}']) > 0, t
+    assert float(row['train_loss']) > 0
+    if method.startswith('sparsifiner'):
+        # phase 1 trains only the predictors, phase 2 only the backbone
+        before = _load(init)['model']
+        after = _load(Path(out['output_dir']) / 'last.pth')['model']
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        pred = {k for k in before if 'mask_predictor' in k}
+        assert changed and (changed <= pred if phase == 'attn_recon' else not (changed & pred))
+        if phase == 'distill':  # the teacher (= initial weights) gives a nonzero but bounded KL at the start
+            assert float(row['train_cls_distill_loss']) >= 0
+
+
+def test_demo_recipe_learns(tmp_path):
+    cfg = ROOT / 'configs' / 'train' / 'demo_agent_deit.yaml'
+    out = train.main(['-c', str(cfg), '--data-dir', str(tmp_path / 'shapes'), '--output', str(tmp_path),
+                      '--experiment', 'demo'])
+    # 4 classes, 200 val images: chance is 25 % +- 3.1 % (1 sigma); measured 41.5 %
+    assert out['eval_top1'] >= 36.0, out
+    assert out['train_loss'] < 1.3  # from ln(4) = 1.386
+
+
+def test_bad_inputs(data, tmp_path):
+    base = [*FAST, '--epochs', '1', '--output', str(tmp_path)]
+    with pytest.raises(TrainError, match='data folder not found'):
+        train.main(['--data-dir', str(tmp_path / 'nope'), *TINY, *base])
+    with pytest.raises(TrainError, match=r"unknown model 'agent_deit_tinny' \(did you mean agent_deit_tiny"):
+        train.main(['--data-dir', str(data), '--model', 'agent_deit_tinny', *base])
+    ckpt = tmp_path / 'ten.pth'
+    model = timm.create_model('agent_deit_tiny', num_classes=10, img_size=32, patch_size=8, embed_dim=32, depth=2,
+                              num_heads=2, agent_num=4)
+    torch.save({'model': model.state_dict()}, ckpt)
+    with pytest.raises(TrainError, match='class-count mismatch: .* 10-class classifier .* model has 4 classes'):
+        train.main(['--data-dir', str(data), *TINY, *base, '--initial-checkpoint', str(ckpt)])
+    with pytest.raises(TrainError, match='--num-classes 7 but .* has 4 class folders'):
+        train.main(['--data-dir', str(data), *TINY, *base, '--num-classes', '7'])
+    # the command line prints one line, no traceback
+    res = subprocess.run([sys.executable, str(TRAIN), '--data-dir', str(tmp_path / 'nope'), *TINY, *base],
+                         env=ENV, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stderr.startswith('error: data folder not found')
+    assert 'Traceback' not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_recipe_configs_parse():
+    files = sorted((ROOT / 'configs' / 'train').glob('*.yaml'))
+    assert len(files) >= 30
+    for f in files:
+        args = train.parse_args(['-c', str(f)])
+        assert timm.is_model(args.model), f
+    with pytest.raises(TrainError, match=r"unknown keys \['not_a_flag'\]"):
+        bad = ROOT / 'configs' / 'train' / 'demo_agent_deit.yaml'
+        text = bad.read_text() + 'not_a_flag: 1\n'
+        tmp = Path(os.environ.get('TMPDIR', '/tmp')) / f'bad_cfg_{os.getpid()}.yaml'
+        tmp.write_text(text)
+        try:
+            train.parse_args(['-c', str(tmp)])
+        finally:
+            tmp.unlink()
