@@ -1,0 +1,2 @@
+_base_ = ['./_base_/agent-swin_mask-rcnn_fpn_3x_coco.py']
+model = dict(backbone=dict(model_name='agent_swin_small', drop_path_rate=0.2))

@@ -1,0 +1,41 @@
+# UperNet + Agent-Swin, 160k iterations on ADE20K 512x512, official downstream/segmentation settings
+# (AdamW lr 6e-5, wd 0.01, linear warmup 1500 iters then poly power 1.0; 8 GPUs x 2 images).
+_base_ = [
+    'mmseg::_base_/models/upernet_swin.py',
+    'mmseg::_base_/datasets/ade20k.py',
+    'mmseg::_base_/default_runtime.py',
+    'mmseg::_base_/schedules/schedule_160k.py',
+]
+custom_imports = dict(imports=['vitzoo.mmseg'], allow_failed_imports=False)
+
+crop_size = (512, 512)
+data_preprocessor = dict(size=crop_size)
+model = dict(
+    data_preprocessor=data_preprocessor,
+    backbone=dict(
+        _delete_=True,
+        type='AgentSwinTransformer',
+        model_name='agent_swin_tiny',
+        img_size=224,
+        drop_path_rate=0.2,
+        out_indices=(0, 1, 2, 3),
+        downstream_agent_shapes=[(9, 9), (12, 12), (14, 14), (7, 7)],
+        # ImageNet checkpoint (official or vitzoo format), e.g. --cfg-options model.backbone.pretrained=PATH
+        pretrained=None),
+    decode_head=dict(in_channels=[96, 192, 384, 768], num_classes=150),
+    auxiliary_head=dict(in_channels=384, num_classes=150))
+
+optim_wrapper = dict(
+    _delete_=True,
+    type='OptimWrapper',
+    optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01),
+    paramwise_cfg=dict(custom_keys={k: dict(decay_mult=0.) for k in (
+        'absolute_pos_embed', 'pos_embed', 'relative_position_bias_table', 'norm',
+        'an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias')}))
+param_scheduler = [
+    dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=1500),
+    dict(type='PolyLR', eta_min=0.0, power=1.0, begin=1500, end=160000, by_epoch=False),
+]
+train_dataloader = dict(batch_size=2)
+val_dataloader = dict(batch_size=1)
+test_dataloader = val_dataloader

@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint of an mmdet 3.x / mmseg 1.x config with the stock mmengine Runner.
+
+python tools/mm_test.py CONFIG CHECKPOINT [--work-dir DIR] [--out results.pkl] [--cfg-options k=v ...]
+torchrun --nproc_per_node=8 tools/mm_test.py CONFIG CHECKPOINT --launcher pytorch
+
+Checkpoints are read weights-only with numpy scalars / dtypes and mmengine's HistoryBuffer allow-listed (enough for
+Runner checkpoints and plain state_dicts). A file needing more is refused unless it lies in the work_dir or
+``--trust-checkpoint`` is given (only for files you produced yourself); nothing is changed globally.
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from mmengine.config import DictAction
+    p = argparse.ArgumentParser(description='Test (evaluate) a detector / segmentor (mmengine Runner)')
+    p.add_argument('config', help='config file')
+    p.add_argument('checkpoint', help='checkpoint file')
+    p.add_argument('--work-dir', help='where the evaluation logs go')
+    p.add_argument('--out', help='dump the raw predictions to this pickle file')
+    p.add_argument('--trust-checkpoint', action='store_true',
+                   help='allow a full unpickle of CHECKPOINT if the weights-only load refuses it')
+    p.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries, key=value')
+    p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    p.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = p.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from mmengine.config import Config
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    from vitzoo._mm import trusted_checkpoints
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg.load_from = args.checkpoint
+    cfg.resume = False
+    # the backbone's ImageNet init is pointless (and may be unavailable) when a full checkpoint is loaded
+    backbone = cfg.model.get('backbone', {})
+    backbone.pop('pretrained', None)
+    backbone['init_cfg'] = None
+    if args.out:
+        cfg.test_evaluator = [cfg.test_evaluator] if isinstance(cfg.test_evaluator, dict) else list(cfg.test_evaluator)
+        cfg.test_evaluator.append(dict(type='DumpResults', out_file_path=args.out))
+    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    with trusted_checkpoints(cfg.work_dir, files=[args.checkpoint] if args.trust_checkpoint else ()):
+        metrics = runner.test()
+    return metrics
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,414 @@
+"""OpenMMLab (mmengine / mmdet 3.x / mmseg 1.x) backbones over the vitzoo timm models, registered once for both.
+
+The backbones are thin wrappers: each holds the vitzoo timm model (``self.model``, built with
+``timm.create_model``) and returns its ``forward_intermediates`` stage maps, so the attention exists only in
+``vitzoo.layers.agent_attention``. They are registered in mmengine's root ``MODELS`` registry, which mmdet's and
+mmseg's registries search through their parent chain (``type='AgentPVT'`` works in both).
+
+Dense-task behaviour of the official downstream backbones (``downstream/{detection,segmentation}``):
+
+- agent attention is global over the whole (padded) stage map; its biases are bilinearly resized to that map at run
+  time (the vitzoo core always does this);
+- ``downstream_agent_shapes``: stage i pools an ``(ph, pw)`` agent grid instead of the classification ``p x p`` one,
+  and every agent bias is bilinearly resized along its agent axis (``AgentAttention.agent_hw``). PVT uses
+  ``(12,12),(16,16),(28,28),(28,28)``, Swin ``(9,9),(12,12),(14,14),(7,7)``. With the classification grid the
+  features are exactly those of the timm model;
+- Swin window ('B') blocks shift on every odd block (the official downstream removes the classification model's
+  "map no larger than the window" clamp; vitzoo still uses one unshifted window on an axis no longer than the window,
+  which only matters for maps of 7 tokens or fewer) and a LayerNorm ``norm{i}`` follows each Swin output (CSwin too);
+- inputs: Swin / CSwin zero-pad the image bottom/right to a multiple of the patch size, PVT drops the remainder
+  (the official stride-4 patch conv floors).
+
+Deviation: vitzoo's Swin window blocks mask zero-padded keys (the official downstream lets them take part), so maps
+that are not multiples of 7 give slightly different features than the official detector with the same weights.
+
+Pretrained ImageNet weights: ``init_cfg=dict(type='Pretrained', checkpoint=PATH_OR_URL)`` accepts official or vitzoo
+classification checkpoints (mapped with the family's ``checkpoint_filter_fn``) and full mm checkpoints of these
+backbones (``backbone.`` keys, or any ``prefix=``). Local files are read with ``torch.load(weights_only=True)``.
+
+Import this module only through ``vitzoo.mmdet`` / ``vitzoo.mmseg`` (or mm ``custom_imports``): importing ``vitzoo``
+itself never imports mmengine.
+"""
+import contextlib
+import os
+import pickle
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmengine.logging import MMLogger
+from mmengine.model import BaseModule
+from mmengine.registry import MODELS
+
+import timm
+
+import vitzoo.models  # noqa: F401  (registers the vitzoo timm models)
+from vitzoo.layers.agent_attention import AgentAttention
+from vitzoo.models import agent_cswin, agent_pvt, agent_swin
+
+__all__ = ['AgentPVT', 'AgentSwinTransformer', 'AgentCSwin', 'NO_DECAY_KEYS', 'paramwise_no_decay',
+           'trusted_checkpoints', 'load_checkpoint_file']
+
+# Parameter-name fragments without weight decay in the official dense configs (mmengine ``custom_keys`` match
+# substrings): norms, position tables and the six agent biases.
+NO_DECAY_KEYS = ('absolute_pos_embed', 'pos_embed', 'relative_position_bias_table', 'norm',
+                 'an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias')
+
+
+def paramwise_no_decay() -> Dict[str, Any]:
+    """``optim_wrapper.paramwise_cfg`` with ``decay_mult=0`` for :data:`NO_DECAY_KEYS`."""
+    return dict(custom_keys={k: dict(decay_mult=0.0) for k in NO_DECAY_KEYS})
+
+
+# ---- checkpoint reading -------------------------------------------------------------------------------------------
+
+def _runner_safe_globals() -> List[Any]:
+    """Globals an mmengine Runner checkpoint needs that are plain data (numpy scalars / dtypes, mmengine buffers)."""
+    import numpy as np
+    out: List[Any] = []
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    out += [scalar, np.dtype, np.ndarray]
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct
+    out.append(_reconstruct)
+    out += [type(np.dtype(t)) for t in ('float64', 'float32', 'int64', 'int32', 'bool', 'uint8')]
+    from mmengine.logging.history_buffer import HistoryBuffer
+    out.append(HistoryBuffer)
+    return out
+
+
+def load_checkpoint_file(path: str, map_location: Any = 'cpu', trusted: bool = False) -> Any:
+    """Read a local checkpoint with ``torch.load(weights_only=True)``.
+
+    Numpy scalars / dtypes and mmengine's ``HistoryBuffer`` (found in Runner checkpoints) are allow-listed for this
+    call only. A file that still needs other globals is unpickled fully only when ``trusted`` (a checkpoint the
+    Runner wrote itself, see :func:`trusted_checkpoints`); otherwise a ``pickle.UnpicklingError`` explains why.
+    """
+    try:
+        with torch.serialization.safe_globals(_runner_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not trusted:
+            raise pickle.UnpicklingError(
+                f'{path} needs globals outside the weights-only allow-list ({e}); vitzoo does not unpickle '
+                f'untrusted files. Re-save its state_dict (torch.save(ckpt["state_dict"])) or, for a checkpoint '
+                f'written by your own mm_train run, pass --trust-checkpoint to tools/mm_test.py.') from e
+        return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def _is_under(path: str, folders: Sequence[str]) -> bool:
+    path = os.path.realpath(path)
+    for d in folders:
+        d = os.path.realpath(d)
+        if os.path.commonpath([path, d]) == d:
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def trusted_checkpoints(*folders: str, files: Sequence[str] = ()) -> Iterator[None]:
+    """While active, mmengine reads local checkpoints through :func:`load_checkpoint_file`.
+
+    Files under ``folders`` (the Runner's own work_dir) or listed in ``files`` may be fully unpickled if the
+    weights-only load fails (torch >= 2.6 refuses mmengine's message-hub / numpy metadata); every other file stays
+    weights-only. mmengine's loader is restored on exit, so nothing changes globally.
+    """
+    from mmengine.runner.checkpoint import CheckpointLoader
+    schemes = CheckpointLoader._schemes
+    previous = schemes.get('')
+    allowed = [os.path.realpath(f) for f in files]
+
+    def _load_local(filename: str, map_location: Any = None, logger: Any = None) -> Any:
+        filename = os.path.expanduser(filename)
+        if not os.path.isfile(filename):
+            raise FileNotFoundError(f'{filename} can not be found.')
+        trusted = _is_under(filename, folders) or os.path.realpath(filename) in allowed
+        return load_checkpoint_file(filename, map_location=map_location, trusted=trusted)
+
+    schemes[''] = _load_local
+    try:
+        yield
+    finally:
+        if previous is None:
+            schemes.pop('', None)
+        else:
+            schemes[''] = previous
+
+
+def _read_checkpoint(path: str) -> Any:
+    if os.path.isfile(os.path.expanduser(path)):
+        return load_checkpoint_file(os.path.expanduser(path))
+    from mmengine.runner.checkpoint import CheckpointLoader  # URLs and other mmengine schemes
+    return CheckpointLoader.load_checkpoint(path, map_location='cpu')
+
+
+# ---- backbones ----------------------------------------------------------------------------------------------------
+
+class _AgentBackbone(BaseModule):
+    """Common part: build the timm model, set the agent grids, run ``forward_intermediates``, load weights."""
+
+    _filter_fn = None        # the family's checkpoint_filter_fn
+    _default_model = ''
+    _default_out_norms = False
+    _pad_input = True        # zero-pad to a multiple of the patch size (False: crop, PVT's floor)
+    _patch = 4
+
+    def __init__(
+            self,
+            model_name: Optional[str] = None,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            out_indices: Sequence[int] = (0, 1, 2, 3),
+            frozen_stages: int = -1,
+            downstream_agent_shapes: Optional[Sequence[Sequence[int]]] = None,
+            out_norms: Optional[bool] = None,
+            drop_path_rate: float = 0.1,
+            with_cp: bool = False,
+            norm_eval: bool = False,
+            pretrained: Optional[str] = None,
+            init_cfg: Optional[Union[dict, List[dict]]] = None,
+            **model_kwargs,
+    ):
+        if pretrained is not None:
+            if init_cfg is not None:
+                raise ValueError(f'{type(self).__name__}: pass pretrained or init_cfg, not both')
+            init_cfg = dict(type='Pretrained', checkpoint=pretrained)
+        super().__init__(init_cfg=init_cfg)
+        self.model_name = model_name or self._default_model
+        self.out_indices = tuple(int(i) for i in out_indices)
+        if not self.out_indices or min(self.out_indices) < 0 or max(self.out_indices) > 3:
+            raise ValueError(f'{type(self).__name__}: out_indices must be stage indices in 0..3, got {out_indices}')
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        for k in ('num_classes', 'global_pool', 'features_only', 'pretrained_cfg_overlay'):
+            model_kwargs.pop(k, None)  # classification-only arguments of the official configs
+        self._create_kwargs = {**self._model_defaults(), **model_kwargs,
+                               'num_classes': 0, 'img_size': img_size, 'drop_path_rate': drop_path_rate}
+        self.model = timm.create_model(self.model_name, pretrained=False, **self._create_kwargs)
+        self.num_stages = len(self._stages())
+        self._prune()
+        if with_cp:
+            self.model.set_grad_checkpointing(True)
+        channels = [f['num_chs'] for f in self.model.feature_info]
+        self.num_features = [channels[i] for i in self.out_indices]
+        self.downstream_agent_shapes = self._set_agent_shapes(downstream_agent_shapes)
+        self.out_norms = self._default_out_norms if out_norms is None else out_norms
+        if self.out_norms:
+            for i in self.out_indices:
+                self.add_module(f'norm{i}', nn.LayerNorm(channels[i]))
+        self._adapt_dense()
+        self._freeze_stages()
+
+    # family hooks
+    def _model_defaults(self) -> Dict[str, Any]:
+        return {}
+
+    def _stages(self) -> nn.Sequential:
+        raise NotImplementedError
+
+    def _stem(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _adapt_dense(self) -> None:
+        pass
+
+    def _prune(self) -> None:
+        # Drop the classifier, the final norm and stages after the last output (no unused parameters under DDP).
+        self.model.prune_intermediate_layers(list(self.out_indices), prune_norm=True, prune_head=True)
+
+    def _set_agent_shapes(self, shapes: Optional[Sequence[Sequence[int]]]) -> List[Optional[Tuple[int, int]]]:
+        stages = self._stages()
+        out: List[Optional[Tuple[int, int]]] = []
+        for i, stage in enumerate(stages):
+            attns = [m for m in stage.modules() if isinstance(m, AgentAttention)]
+            if shapes is None or i >= len(shapes) or shapes[i] is None:
+                out.append(tuple(attns[0].agent_hw) if attns else None)
+                continue
+            hw = tuple(int(s) for s in (shapes[i] if isinstance(shapes[i], (list, tuple)) else (shapes[i],) * 2))
+            if len(hw) != 2 or min(hw) < 1:
+                raise ValueError(f'{type(self).__name__}: downstream_agent_shapes[{i}] must be (h, w), got {shapes[i]}')
+            for m in attns:
+                m.agent_hw = hw
+            out.append(hw if attns else None)
+        return out
+
+    def _freeze_stages(self) -> None:
+        # mmdet Swin convention: frozen_stages >= 0 freezes the stem, k > 0 also stages 0..k-1 and their out norms
+        if self.frozen_stages < 0:
+            return
+        stages = self._stages()
+        modules = [self._stem()] + [stages[i] for i in range(min(self.frozen_stages, len(stages)))]
+        modules += [getattr(self, f'norm{i}') for i in range(self.frozen_stages) if hasattr(self, f'norm{i}')]
+        params = [p for m in modules for p in m.parameters()] + self._stem_params()
+        for m in modules:
+            m.eval()
+        for p in params:
+            p.requires_grad = False
+
+    def _stem_params(self) -> List[nn.Parameter]:
+        return []
+
+    def train(self, mode: bool = True) -> 'nn.Module':
+        """Train mode that keeps frozen stages (and, with ``norm_eval``, BatchNorms) in eval mode."""
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        p = self._patch
+        H, W = x.shape[-2:]
+        if self._pad_input:
+            if H % p or W % p:
+                x = F.pad(x, (0, (-W) % p, 0, (-H) % p))
+        elif H % p or W % p:
+            x = x[..., :H - H % p, :W - W % p]
+        return x
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Stage maps (B, C_i, H_i, W_i) for ``out_indices``."""
+        feats = self.model.forward_intermediates(
+            self._prepare_input(x), indices=list(self.out_indices), stop_early=True, intermediates_only=True)
+        outs = []
+        for i, f in zip(self.out_indices, feats):
+            if self.out_norms:
+                f = getattr(self, f'norm{i}')(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
+            outs.append(f)
+        return tuple(outs)
+
+    # weights
+    def init_weights(self) -> None:
+        """mm init; ``init_cfg=dict(type='Pretrained', checkpoint=...)`` loads classification or mm checkpoints."""
+        cfg = self.init_cfg
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained' and cfg.get('checkpoint'):
+            self.load_pretrained(cfg['checkpoint'], prefix=cfg.get('prefix'))
+            self._is_init = True
+            return
+        super().init_weights()
+
+    def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None) -> None:
+        """Load a classification (official / vitzoo) or mm (``backbone.``-prefixed) checkpoint.
+
+        Args:
+            checkpoint: Path or URL.
+            prefix: Take the keys under this prefix (mm style, e.g. 'backbone.'); detected automatically for full
+                detector / segmentor checkpoints.
+        """
+        logger = MMLogger.get_current_instance()
+        ckpt = _read_checkpoint(checkpoint)
+        from vitzoo.models._helpers import unwrap_state_dict
+        state_dict = unwrap_state_dict(ckpt)
+        if prefix is None and any(k.startswith('backbone.') for k in state_dict):
+            prefix = 'backbone.'
+        if prefix:
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if any(k.startswith('model.') for k in state_dict):
+            # a checkpoint of this wrapper: load as is
+            missing, unexpected = self.load_state_dict(state_dict, strict=False)
+            if unexpected or missing:
+                raise RuntimeError(f'{type(self).__name__}: checkpoint {checkpoint} does not fit: '
+                                   f'missing {missing[:5]}, unexpected {unexpected[:5]}')
+            logger.info(f'{type(self).__name__}: loaded {checkpoint}')
+            return
+        # classification checkpoint: map it onto an unpruned copy of the model (the filter checks every key)
+        full = timm.create_model(self.model_name, pretrained=False, **self._create_kwargs)
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('head.')}
+        state_dict = type(self)._filter_fn(state_dict, full)
+        own = self.model.state_dict()
+        dropped = [k for k in state_dict if k not in own]  # final norm, stages after the last output
+        state_dict = {k: v for k, v in state_dict.items() if k in own}
+        self.model.load_state_dict(state_dict, strict=True)
+        logger.info(f'{type(self).__name__}: loaded classification checkpoint {checkpoint} '
+                    f'({len(state_dict)} tensors; not used: {len(dropped)}; output norms keep their init)')
+
+
+@MODELS.register_module()
+class AgentPVT(_AgentBackbone):
+    """Agent-PVT backbone (official ``AgentPVT``): 4 stage maps at strides 4, 8, 16, 32, no output norms.
+
+    Args:
+        model_name: vitzoo timm model ('agent_pvt_tiny', '_small', '_medium', '_large').
+        img_size: Classification resolution the checkpoint was trained at (sizes the bias / position tables).
+        out_indices: Stages to return.
+        frozen_stages: Freeze stages 0..frozen_stages (-1: none).
+        downstream_agent_shapes: Agent grid per stage, e.g. ((12, 12), (16, 16), (28, 28), (28, 28)); None keeps
+            the classification grids.
+        out_norms: Add a LayerNorm per output (default False, as the official PVT).
+        drop_path_rate: Stochastic depth.
+        with_cp: Gradient checkpointing.
+        norm_eval: Keep BatchNorms in eval mode (none in the backbone; kept for the mm interface).
+        pretrained: Deprecated, use init_cfg.
+        init_cfg: mm init config; ``dict(type='Pretrained', checkpoint=...)``.
+        **model_kwargs: Passed to ``timm.create_model`` (e.g. ``depths`` for reduced test models).
+    """
+    _filter_fn = staticmethod(agent_pvt.checkpoint_filter_fn)
+    _default_model = 'agent_pvt_tiny'
+    _pad_input = False
+
+    def _stages(self) -> nn.Sequential:
+        return self.model.stages
+
+    def _stem(self) -> nn.Module:
+        return self.model.stages[0].patch_embed
+
+    def _stem_params(self) -> List[nn.Parameter]:
+        return [self.model.stages[0].pos_embed]
+
+
+@MODELS.register_module()
+class AgentSwinTransformer(_AgentBackbone):
+    """Agent-Swin backbone (official ``AgentSwinTransformer``): 4 LayerNorm-ed stage maps at strides 4..32.
+
+    Args: as :class:`AgentPVT` (``model_name`` 'agent_swin_tiny', '_small', '_base'); ``out_norms`` defaults to True
+    (``norm{i}`` per output, as the official backbone). Window blocks shift on every odd block as the official
+    downstream backbone.
+    """
+    _filter_fn = staticmethod(agent_swin.checkpoint_filter_fn)
+    _default_model = 'agent_swin_tiny'
+    _default_out_norms = True
+
+    def _stages(self) -> nn.Sequential:
+        return self.model.layers
+
+    def _stem(self) -> nn.Module:
+        return self.model.patch_embed
+
+    def _adapt_dense(self) -> None:
+        # The official downstream Swin shifts every odd window block, also where the classification model (built at
+        # 224) disabled the shift because its construction map was no larger than the window.
+        for stage in self.model.layers:
+            for j, blk in enumerate(stage.blocks):
+                if not blk.is_agent and j % 2 == 1 and blk.shift_size == 0:
+                    blk.shift_size = blk.window_size // 2
+                    window, shift = blk._window_shift(*blk.input_resolution)
+                    blk.attn_mask = agent_swin.window_attn_mask(blk.input_resolution, window, shift)
+
+
+@MODELS.register_module()
+class AgentCSwin(_AgentBackbone):
+    """Agent-CSwin backbone: 4 LayerNorm-ed stage maps at strides 4..32 (no official dense version exists).
+
+    Args: as :class:`AgentPVT` (``model_name`` 'agent_cswin_tiny', '_small', '_base'); agent stages are global over
+    the whole map (``la_split_size=None``), ``out_norms`` defaults to True.
+    """
+    _filter_fn = staticmethod(agent_cswin.checkpoint_filter_fn)
+    _default_model = 'agent_cswin_tiny'
+    _default_out_norms = True
+
+    def _model_defaults(self) -> Dict[str, Any]:
+        return dict(la_split_size=None)
+
+    def _stages(self) -> nn.Sequential:
+        return self.model.stages
+
+    def _stem(self) -> nn.Module:
+        return self.model.patch_embed
+

@@ -1,0 +1,11 @@
+"""mmseg 1.x integration: ``custom_imports=dict(imports=['vitzoo.mmseg'], allow_failed_imports=False)``.
+
+Registers the vitzoo agent backbones (``AgentPVT``, ``AgentSwinTransformer``, ``AgentCSwin``) in mmengine's root model
+registry, where mmseg's ``MODELS`` finds them; see :mod:`vitzoo._mm`. Imports mmengine (and this module only).
+"""
+from vitzoo._mm import (  # noqa: F401
+    NO_DECAY_KEYS, AgentCSwin, AgentPVT, AgentSwinTransformer, load_checkpoint_file, paramwise_no_decay,
+    trusted_checkpoints)
+
+__all__ = ['AgentPVT', 'AgentSwinTransformer', 'AgentCSwin', 'NO_DECAY_KEYS', 'paramwise_no_decay',
+           'trusted_checkpoints', 'load_checkpoint_file']
