@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+JOBS ?= $(shell nproc)
 
 .PHONY: setup demo test clean-venv
 
@@ -12,7 +13,7 @@ demo: setup
 	$(PY) tools/demo.py --output output/demo
 
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n $(JOBS) --durations=25 $(PYTEST_ARGS) tests
 
 clean-venv:
 	rm -rf $(VENV)
