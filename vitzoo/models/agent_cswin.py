@@ -49,6 +49,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_c
 from timm.models._features import feature_take_indices
 
 from vitzoo.layers.agent_attention import AgentAttention, resize_bias_1d
+from vitzoo.weights import manifest_cfg
 from ._helpers import check_state_dict, unwrap_state_dict
 
 __all__ = ['AgentCSWinTransformer']
@@ -610,10 +611,11 @@ def _cfg(url: str = '', **kwargs) -> Dict:
 
 
 default_cfgs = generate_default_cfgs({
-    'agent_cswin_tiny.in1k': _cfg(),
-    'agent_cswin_small.in1k': _cfg(),
-    'agent_cswin_base.in1k': _cfg(),
-    'agent_cswin_base_384.in1k': _cfg(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
+    'agent_cswin_tiny.in1k': _cfg(**manifest_cfg('agent_cswin_tiny.in1k')),
+    'agent_cswin_small.in1k': _cfg(**manifest_cfg('agent_cswin_small.in1k')),
+    'agent_cswin_base.in1k': _cfg(**manifest_cfg('agent_cswin_base.in1k')),
+    'agent_cswin_base_384.in1k': _cfg(
+        input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0, **manifest_cfg('agent_cswin_base_384.in1k')),
 })
 
 

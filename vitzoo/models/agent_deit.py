@@ -23,6 +23,7 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 from timm.models._features import feature_take_indices
 
 from vitzoo.layers.agent_attention import AgentAttention, resize_bias_1d
+from vitzoo.weights import manifest_cfg
 from ._helpers import check_state_dict, unwrap_state_dict
 
 __all__ = ['AgentVisionTransformer']
@@ -349,10 +350,11 @@ def _cfg(url: str = '', **kwargs) -> Dict:
 
 
 default_cfgs = generate_default_cfgs({
-    'agent_deit_tiny.in1k': _cfg(),
-    'agent_deit_small.in1k': _cfg(),
-    'agent_deit_small_448.in1k': _cfg(input_size=(3, 448, 448), crop_pct=1.0),
-    'agent_deit_base.in1k': _cfg(),
+    'agent_deit_tiny.in1k': _cfg(**manifest_cfg('agent_deit_tiny.in1k')),
+    'agent_deit_small.in1k': _cfg(**manifest_cfg('agent_deit_small.in1k')),
+    'agent_deit_small_448.in1k': _cfg(
+        input_size=(3, 448, 448), crop_pct=1.0, **manifest_cfg('agent_deit_small_448.in1k')),
+    'agent_deit_base.in1k': _cfg(**manifest_cfg('agent_deit_base.in1k')),
 })
 
 

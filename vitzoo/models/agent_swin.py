@@ -48,6 +48,7 @@ from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs,
 from timm.models._features import feature_take_indices
 
 from vitzoo.layers.agent_attention import AgentAttention, resize_bias_1d
+from vitzoo.weights import manifest_cfg
 from ._helpers import check_state_dict, unwrap_state_dict
 
 __all__ = ['AgentSwinTransformer']
@@ -609,12 +610,14 @@ def _cfg(url: str = '', **kwargs) -> Dict:
 
 
 default_cfgs = generate_default_cfgs({
-    'agent_swin_tiny.in1k': _cfg(),
-    'agent_swin_small.in1k': _cfg(),
+    'agent_swin_tiny.in1k': _cfg(**manifest_cfg('agent_swin_tiny.in1k')),
+    'agent_swin_small.in1k': _cfg(**manifest_cfg('agent_swin_small.in1k')),
     # the 288 / 384 configs evaluate with TEST.CROP False: a direct resize
-    'agent_swin_small_288.in1k': _cfg(input_size=(3, 288, 288), pool_size=(9, 9), crop_pct=1.0),
-    'agent_swin_base.in1k': _cfg(),
-    'agent_swin_base_384.in1k': _cfg(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
+    'agent_swin_small_288.in1k': _cfg(
+        input_size=(3, 288, 288), pool_size=(9, 9), crop_pct=1.0, **manifest_cfg('agent_swin_small_288.in1k')),
+    'agent_swin_base.in1k': _cfg(**manifest_cfg('agent_swin_base.in1k')),
+    'agent_swin_base_384.in1k': _cfg(
+        input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0, **manifest_cfg('agent_swin_base_384.in1k')),
 })
 
 
