@@ -170,8 +170,8 @@ def train_and_evaluate(args: argparse.Namespace, out: Path) -> None:
     for label, r in results.items():
         m = r['summary'].get('metrics', {})
         clean = r['summary'].get('clean', {}).get('top1_err')
-        print(f"{label:<18}{r['train'].get('eval_top1', float('nan')):>10.1f}{_num(clean):>10}{_num(m.get('mce'), 100):>8}"
-              f"{_num(m.get('relative_mce'), 100):>10}{_num(m.get('mean_corruption_acc'), 1):>16}")
+        print(f"{label:<18}{r['train'].get('eval_top1', float('nan')):>10.1f}{_num(clean):>10}{_num(m.get('mce')):>8}"
+              f"{_num(m.get('relative_mce')):>10}{_num(m.get('mean_corruption_accuracy_15')):>16}")
     print(f"chart: {out / 'robustness'}")
 
 
