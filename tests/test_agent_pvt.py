@@ -49,10 +49,11 @@ def test_official_checkpoint_variants_load(official_file, tmp_path):
     assert _max_diff(_build_from_ref(ref, official_file(sd, wrap='')), ref) <= 1e-5
     prefixed = {'module.' + k: v for k, v in sd.items()}
     assert _max_diff(_build_from_ref(ref, official_file(prefixed, wrap='state_dict')), ref) <= 1e-5
-    # EMA weights are preferred over the raw ones (timm's load_state_dict policy)
+    # raw + EMA weights: the official evaluation (main.py) uses 'model' (manifest format.use_ema False); EMA on request
     path = tmp_path / 'ema.pth'
     torch.save({'model': {k: torch.zeros_like(v) for k, v in sd.items()}, 'state_dict_ema': prefixed}, path)
-    model = _build_from_ref(ref, str(path))
+    assert _max_diff(_build_from_ref(ref, str(path)), ref) > 1e-2
+    model = _build_from_ref(ref, str(path), pretrained_use_ema=True)
     assert _max_diff(model, ref) <= 1e-5
     # a checkpoint saved from a vitzoo model (timm-style keys) passes through unchanged
     assert 'stages.2.blocks.0.attn.sr.weight' in model.state_dict()

@@ -37,10 +37,11 @@ from torch.jit import Final
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from vitzoo.layers.agent_attention import AgentAttention, resize_bias_1d
+from vitzoo.weights import build_model_with_cfg, manifest_cfg
 from ._helpers import check_state_dict, unwrap_state_dict
 
 __all__ = ['AgentPVT']
@@ -525,12 +526,13 @@ def _cfg(url: str = '', **kwargs) -> Dict:
 
 
 default_cfgs = generate_default_cfgs({
-    'agent_pvt_tiny.in1k': _cfg(),
-    'agent_pvt_small.in1k': _cfg(),
-    'agent_pvt_medium.in1k': _cfg(),
+    'agent_pvt_tiny.in1k': _cfg(**manifest_cfg('agent_pvt_tiny.in1k')),
+    'agent_pvt_small.in1k': _cfg(**manifest_cfg('agent_pvt_small.in1k')),
+    'agent_pvt_medium.in1k': _cfg(**manifest_cfg('agent_pvt_medium.in1k')),
     # agent_pvt_m_256 keeps the default test crop (only the 288/384 cfgs set TEST.CROP False)
-    'agent_pvt_medium_256.in1k': _cfg(input_size=(3, 256, 256), pool_size=(8, 8)),
-    'agent_pvt_large.in1k': _cfg(),
+    'agent_pvt_medium_256.in1k': _cfg(
+        input_size=(3, 256, 256), pool_size=(8, 8), **manifest_cfg('agent_pvt_medium_256.in1k')),
+    'agent_pvt_large.in1k': _cfg(**manifest_cfg('agent_pvt_large.in1k')),
 })
 
 _PVT_ARGS = dict(

@@ -41,12 +41,13 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models.convnext import ConvNeXtStage
 from timm.models.xcit import ClassAttentionBlock, PositionalEncodingFourier
 
 from vitzoo.layers.token_pooling import DilatedAvgPooling, DilationPredictor, token_aware_pool
+from vitzoo.weights import build_model_with_cfg, manifest_cfg
 from ._helpers import CheckpointError, check_state_dict, unwrap_state_dict
 
 __all__ = ['FAN']
@@ -676,7 +677,7 @@ default_cfgs = generate_default_cfgs({
     'tap_fan_large_24_p16_224.in1k': _cfg(),
     'tap_fan_tiny_8_p4_hybrid.in1k': _cfg(**_HYBRID),
     'tap_fan_small_12_p4_hybrid.in1k': _cfg(**_HYBRID),
-    'tap_fan_base_16_p4_hybrid.in1k': _cfg(**_HYBRID),
+    'tap_fan_base_16_p4_hybrid.in1k': _cfg(**_HYBRID, **manifest_cfg('tap_fan_base_16_p4_hybrid.in1k')),
     'tap_fan_large_16_p4_hybrid.in1k': _cfg(**_HYBRID),
     'tap_fan_xlarge_16_p4_hybrid.in1k': _cfg(**_HYBRID),
     'fan_tiny_12_p16_224.in1k': _cfg(paper_ids='arXiv:2204.12451'),

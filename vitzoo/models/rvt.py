@@ -36,10 +36,11 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, to_2tuple, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from vitzoo.layers.token_pooling import DilatedAvgPooling, DilationPredictor, token_aware_pool
+from vitzoo.weights import build_model_with_cfg, manifest_cfg
 from ._helpers import CheckpointError, check_state_dict, unwrap_state_dict
 
 __all__ = ['RVT']
@@ -492,7 +493,8 @@ def _cfg(url: str = '', **kwargs) -> Dict:
 
 
 default_cfgs = generate_default_cfgs({
-    **{f'tap_rvt_{s}.in1k': _cfg() for s in ('tiny', 'tiny_plus', 'small', 'small_plus', 'base', 'base_plus')},
+    **{f'tap_rvt_{s}.in1k': _cfg(**manifest_cfg(f'tap_rvt_{s}.in1k'))
+       for s in ('tiny', 'tiny_plus', 'small', 'small_plus', 'base', 'base_plus')},
     **{f'rvt_{s}.in1k': _cfg(paper_ids='arXiv:2105.07926',
                              origin_url='https://github.com/vtddggg/Robust-Vision-Transformer')
        for s in ('tiny', 'tiny_plus', 'small', 'small_plus', 'base', 'base_plus')},

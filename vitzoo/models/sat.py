@@ -42,10 +42,11 @@ import torch.nn as nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from vitzoo.layers.spatial_token import SpatialTokenAttention, fuse_spatial_masks
+from vitzoo.weights import build_model_with_cfg, manifest_cfg
 from ._helpers import check_state_dict, unwrap_state_dict
 
 __all__ = ['SATVisionTransformer']
@@ -437,8 +438,8 @@ def _cfg(url: str = '', **kwargs) -> Dict:
 
 default_cfgs = generate_default_cfgs({
     'sat_deit_tiny.in1k': _cfg(),
-    'sat_deit_small.in1k': _cfg(),
-    'sat_deit_small.cub': _cfg(num_classes=200),
+    'sat_deit_small.in1k': _cfg(**manifest_cfg('sat_deit_small.in1k')),
+    'sat_deit_small.cub': _cfg(num_classes=200, **manifest_cfg('sat_deit_small.cub')),
     'sat_deit_base.in1k': _cfg(),
 })
 

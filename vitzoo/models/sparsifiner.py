@@ -60,10 +60,11 @@ import torch.nn as nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
+from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from vitzoo.layers.sparse_attention import SparseAttention, mask_from_indices, resize_token_projection
+from vitzoo.weights import build_model_with_cfg
 from ._helpers import CheckpointError, check_state_dict, unwrap_state_dict
 
 __all__ = ['SparsifinerVisionTransformer', 'sparsifiner_flops']
