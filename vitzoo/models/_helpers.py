@@ -1,10 +1,10 @@
 """Checkpoint helpers shared by the vitzoo model files."""
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-__all__ = ['CheckpointError', 'unwrap_state_dict', 'check_state_dict']
+__all__ = ['CheckpointError', 'unwrap_state_dict', 'check_state_dict', 'embed_patches']
 
 
 class CheckpointError(ValueError):
@@ -77,3 +77,29 @@ def check_state_dict(
     if problems:
         more = f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''
         raise CheckpointError(f'checkpoint does not fit {name}: ' + '; '.join(problems[:5]) + more)
+
+
+def embed_patches(
+        model: nn.Module,
+        x: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, Tuple[int, int]]:
+    """Patch-embed images for a ViT-style vitzoo model at any resolution (shared by DeiT-like families).
+
+    Expects ``model.patch_embed`` (timm ``PatchEmbed`` with ``output_fmt='NHWC'``), ``model.pos_embed`` (prefix
+    positions first), ``model.patch_size`` and ``model.num_prefix_tokens``.
+
+    Returns:
+        ``(tokens (B, h*w, C), pos (1, P + h*w, C) resized to the grid, (h, w))``.
+    """
+    from timm.layers import resample_abs_pos_embed
+    H, W = x.shape[-2:]
+    p = model.patch_size
+    if H % p or W % p or H < p or W < p:
+        raise ValueError(f'{type(model).__name__}: input size {H}x{W} is not a multiple of the patch size {p} (at least one patch)')
+    x = model.patch_embed(x)  # B, h, w, C
+    B, h, w, C = x.shape
+    pos = model.pos_embed
+    if (h, w) != tuple(model.patch_embed.grid_size):
+        pos = resample_abs_pos_embed(pos, new_size=(h, w), old_size=model.patch_embed.grid_size,
+                                     num_prefix_tokens=model.num_prefix_tokens)
+    return x.reshape(B, h * w, C), pos, (h, w)

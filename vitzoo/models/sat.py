@@ -47,7 +47,7 @@ from timm.models._features import feature_take_indices
 
 from vitzoo.layers.spatial_token import SpatialTokenAttention, fuse_spatial_masks
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
-from ._helpers import check_state_dict, unwrap_state_dict
+from ._helpers import check_state_dict, embed_patches, unwrap_state_dict
 
 __all__ = ['SATVisionTransformer']
 
@@ -215,18 +215,9 @@ class SATVisionTransformer(nn.Module):
         self.head = self._make_head(num_classes)
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        H, W = x.shape[-2:]
-        p = self.patch_size
-        if H % p or W % p or H < p or W < p:
-            raise ValueError(f'{type(self).__name__}: input size {H}x{W} is not a (nonzero) multiple of the patch '
-                             f'size {p}')
-        x = self.patch_embed(x)  # B, h, w, C
-        B, h, w, C = x.shape
-        pos = self.pos_embed
-        if (h, w) != tuple(self.patch_embed.grid_size):
-            pos = resample_abs_pos_embed(pos, new_size=(h, w), old_size=self.patch_embed.grid_size,
-                                         num_prefix_tokens=self.num_prefix_tokens)
-        x = torch.cat([self.cls_token.expand(B, -1, -1), x.reshape(B, h * w, C), self.loc_token.expand(B, -1, -1)], 1)
+        x, pos, (h, w) = embed_patches(self, x)
+        B = x.shape[0]
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x, self.loc_token.expand(B, -1, -1)], 1)
         return self.pos_drop(x + torch.cat([pos, self.loc_embed], dim=1)), (h, w)
 
     def _run_block(

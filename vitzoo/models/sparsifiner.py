@@ -65,7 +65,7 @@ from timm.models._features import feature_take_indices
 
 from vitzoo.layers.sparse_attention import SparseAttention, mask_from_indices, resize_token_projection
 from vitzoo.weights import build_model_with_cfg
-from ._helpers import CheckpointError, check_state_dict, unwrap_state_dict
+from ._helpers import CheckpointError, check_state_dict, embed_patches, unwrap_state_dict
 
 __all__ = ['SparsifinerVisionTransformer', 'sparsifiner_flops']
 
@@ -316,17 +316,8 @@ class SparsifinerVisionTransformer(nn.Module):
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        H, W = x.shape[-2:]
-        p = self.patch_size
-        if H % p or W % p:
-            raise ValueError(f'{type(self).__name__}: input size {H}x{W} is not a multiple of the patch size {p}')
-        x = self.patch_embed(x)  # B, h, w, C
-        B, h, w, C = x.shape
-        pos = self.pos_embed
-        if (h, w) != tuple(self.patch_embed.grid_size):
-            pos = resample_abs_pos_embed(pos, new_size=(h, w), old_size=self.patch_embed.grid_size,
-                                         num_prefix_tokens=self.num_prefix_tokens)
-        x = torch.cat([self.cls_token.expand(B, -1, -1), x.reshape(B, h * w, C)], dim=1)
+        x, pos, (h, w) = embed_patches(self, x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.pos_drop(x + pos), (h, w)
 
     def _run_block(self, blk: nn.Module, x: torch.Tensor, grid: Tuple[int, int], token_idx: Optional[torch.Tensor],
