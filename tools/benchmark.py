@@ -234,7 +234,7 @@ def suite_agent(args, results: Dict) -> None:
         row = dict(model=name, res=896, ours_mib=_peak_rss(name, 896, 'ours', args.official_dir))
         if name in builders:
             row['official_mib'] = _peak_rss(name, 896, 'official', args.official_dir)
-            row['ratio'] = round(row['ours_mib'] / row['official_mib'], 2)
+            row['ratio'] = round(row['ours_mib'] / max(row['official_mib'], 1e-9), 2)
         rows.append(row)
     results['agent_memory'] = rows
     print_table('peak memory (RSS increase of one 896² forward, MiB)', rows, args.out)
@@ -250,17 +250,26 @@ def _peak_rss(name: str, size: int, which: str, official_dir: Optional[str]) -> 
 
 def _memory_probe(name: str, size: int, which: str, official_dir: Optional[str]) -> None:
     """Child process: build the model, then print the RSS growth (MiB) caused by one forward."""
-    import resource
     if which == 'official':
         model = official_builders(import_official(official_dir))[name](size).eval()
     else:
         model = timm.create_model(name, img_size=size).eval()
     x = torch.randn(1, 3, size, size)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Reset the kernel's peak-RSS mark (VmHWM) so construction-time peaks do not hide the forward's own peak.
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+    base = _proc_status_kib('VmRSS')
     with torch.no_grad():
         model(x)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((peak - base) / 1024)
+    print((_proc_status_kib('VmHWM') - base) / 1024)
+
+
+def _proc_status_kib(field: str) -> int:
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    raise RuntimeError(f'{field} not in /proc/self/status')
 
 
 def suite_sparsifiner(args, results: Dict) -> None:
