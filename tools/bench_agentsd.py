@@ -2,8 +2,11 @@
 """AgentSD speed on this machine: patched self-attention vs diffusers' default, a whole UNet step, and vs ToMe.
 
 Random weights with the real SD-1.5 UNet configuration (built from its config dict: nothing is downloaded), fp32, on
-the CPU unless ``--device`` says otherwise. Every measurement is repeated with the variants interleaved (the order
-rotates every round) and the median is reported, so a shared, noisy machine biases no variant.
+the CPU unless ``--device`` says otherwise. Every measurement is repeated with the variants interleaved in
+palindromic rounds (a linear drift of the machine load cancels) and the median is reported.
+
+On a shared machine, OpenMP threads measure the scheduler as much as the kernels: compare ``--threads 1`` (pure
+compute), the default and ``--omp-passive`` (idle OpenMP workers sleep instead of spinning).
 
 (a) attention alone, the first SD-1.5 level (320 channels, 8 heads of 40) at 64x64 and 128x128 latents (4096 / 16384
     tokens): diffusers' ``AttnProcessor2_0`` vs AgentSD (matching + merge + agent attention + unmerge; the paper's
@@ -17,7 +20,8 @@ rotates every round) and the median is reported, so a shared, noisy machine bias
 Examples::
 
     python tools/bench_agentsd.py                       # both parts, markdown tables on stdout
-    python tools/bench_agentsd.py --skip-unet --attn-repeats 9
+    python tools/bench_agentsd.py --skip-unet --attn-repeats 9 --threads 1
+    python tools/bench_agentsd.py --omp-passive
     python tools/bench_agentsd.py --json bench.json --unet-repeats 1
 """
 import argparse
@@ -28,11 +32,11 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
-if __name__ == '__main__' and '--omp-active' not in sys.argv:
-    # On a shared, oversubscribed machine, spinning OpenMP workers steal the core from the thread that does the work
-    # and every parallel op pays for it (the many small ops of a patch more than one big SDPA). Passive waiting is
-    # fairer to both sides; it must be set before torch starts OpenMP. --omp-active keeps the library default.
-    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+if __name__ == '__main__' and '--omp-passive' in sys.argv:
+    # Must be set before torch starts OpenMP. On an oversubscribed machine, idle OpenMP workers that spin after every
+    # parallel op burn the process's share of the cores: that costs a patch made of many small ops far more than one
+    # big SDPA call. Passive waiting removes that effect (and slows the big SDPA call somewhat).
+    os.environ['OMP_WAIT_POLICY'] = 'PASSIVE'
 
 import torch  # noqa: E402
 
@@ -66,8 +70,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--device', default='cpu', help='torch device')
     p.add_argument('--seed', type=int, default=0, help='seed of the random weights and inputs')
     p.add_argument('--json', default=None, help='also write the raw timings to this JSON file')
-    p.add_argument('--omp-active', action='store_true',
-                   help='keep OpenMP\'s default (spinning) wait policy instead of OMP_WAIT_POLICY=PASSIVE')
+    p.add_argument('--omp-passive', action='store_true',
+                   help='run with OMP_WAIT_POLICY=PASSIVE (fairer on an oversubscribed, shared machine)')
     return p.parse_args(argv)
 
 
@@ -82,14 +86,18 @@ def interleaved(
         device: str,
         warmup: bool = True,
 ) -> Dict[str, List[float]]:
-    """Seconds per call of every variant; variants alternate within each round, the start rotates per round."""
+    """Seconds per call of every variant, interleaved in palindromic rounds (A B C, C B A, A B C, ...).
+
+    Over every pair of rounds each variant sits at the same mean time, so a linear drift of the machine load (other
+    jobs starting or ending) cancels instead of favouring the variants measured later.
+    """
     names = list(fns)
     if warmup:
         for n in names:
             fns[n]()
     times: Dict[str, List[float]] = {n: [] for n in names}
     for i in range(repeats):
-        for n in names[i % len(names):] + names[:i % len(names)]:
+        for n in (names if i % 2 == 0 else names[::-1]):
             _sync(device)
             t = time.perf_counter()
             fns[n]()
@@ -137,7 +145,7 @@ def bench_attention(args: argparse.Namespace) -> List[dict]:
             return run
 
         fns = {'default': lambda: attn(x), 'agentsd': agentsd(EARLY['agent_ratio']), 'tome': agentsd(0.0)}
-        repeats = args.attn_repeats if side <= 64 else max(3, args.attn_repeats // 2)
+        repeats = args.attn_repeats if side <= 64 else max(4, (args.attn_repeats + 1) // 2)
         t = interleaved(fns, repeats, args.device)
         m = {k: median(v) for k, v in t.items()}
         rows.append(dict(latent=side, tokens=n, t_default=m['default'], t_agentsd=m['agentsd'], t_tome=m['tome'],
@@ -202,6 +210,7 @@ def bench_unet(args: argparse.Namespace) -> dict:
                speedup=m['default'] / m['patched'], bound_speedup=m['default'] / m['bound'], raw=t)
     if 'tome' in m:
         res['share_saved_tome'] = (m['default'] - m['tome']) / (m['default'] - m['bound'])
+    res['share_saved_per_round'] = [(d - p) / (d - b) for d, p, b in zip(t['default'], t['patched'], t['bound'])]
     return res
 
 
@@ -240,7 +249,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         tome_share = f'{r["share_saved_tome"]:.2f}' if 'share_saved_tome' in r else '-'
         print(f'| {r["t_default"]:.2f} | {r["t_patched"]:.2f} | {r["t_bound"]:.2f} | {tome} | {r["speedup"]:.3f}x '
               f'| {r["bound_speedup"]:.3f}x | {r["share_saved"]:.2f} | {tome_share} |')
-        print()
+        print(f'\nshare of removable time saved, per round: '
+              f'{", ".join(f"{x:.2f}" for x in r["share_saved_per_round"])}\n')
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(out, f, indent=1)
