@@ -138,10 +138,12 @@ def bench_attention(args: argparse.Namespace) -> List[dict]:
         use_gen = gen if args.batch % 2 == 0 else None  # ToMeSD: no random dst for odd batches
 
         def agentsd(agent_ratio):
+            cache = {}  # what AgentSDAttnProcessor keeps per attention: the concatenated q/k/v weight
+
             def run():
                 tm = bipartite_soft_matching_2d(metric, (side, side), EARLY['sx'], EARLY['sy'], int(n * EARLY['ratio']),
                                                 int(n * agent_ratio), generator=use_gen)
-                return agentsd_self_attention(attn, x, tm)
+                return agentsd_self_attention(attn, x, tm, cache=cache)
             return run
 
         fns = {'default': lambda: attn(x), 'agentsd': agentsd(EARLY['agent_ratio']), 'tome': agentsd(0.0)}

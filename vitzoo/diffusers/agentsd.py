@@ -36,12 +36,12 @@ Fixed defects of the official code (see ``specs/agentsd.md`` §12):
 - attention masks on ``attn1``, 4-D inputs, ``spatial_norm`` / ``group_norm`` attentions and blocks above
   ``max_downsample`` fall back to the original processor (the original printed "Mask not supported" and ignored it).
 
-Speed (CPU and GPU alike): the matching never normalises or gathers the N x C metric, merge is two row gathers and
-a serial accumulation, unmerge one ``index_select`` (see ``token_merging``); the output projection runs on the merged
-tokens; when
+Speed (CPU and GPU alike): the matching never normalises or gathers the N x C metric and scores in cache-sized
+chunks, merge is two row gathers and one ``index_add_``, unmerge one ``index_select`` (see ``token_merging``); the
+output projection runs on the merged tokens; when
 ``to_q / to_k / to_v`` are plain ``nn.Linear`` (no LoRA / PEFT wrapper, no hooks) and no gradient is needed, they
-run as one cached GEMM whose q rows carry the ``s ** (k_scale2 - 1)`` temperature, written head-major for SDPA;
-the ``k_shortcut · V`` add writes token-major, so merging the heads is free. ``tools/bench_agentsd.py`` measures it.
+run as one cached GEMM whose q rows carry the ``s ** (k_scale2 - 1)`` temperature; the ``k_shortcut · V`` add
+writes token-major, so merging the heads is free. ``tools/bench_agentsd.py`` measures it.
 
 Limitations: ``use_rand=True`` with gradient checkpointing re-draws the dst positions in the recomputation (use
 ``use_rand=False`` when training through the patch); SDXL has no attention at full latent resolution, so it needs
@@ -118,11 +118,7 @@ def agentsd_attention(
     """
     # vitzoo's two-stage softmax uses one scale for both stages: fold s ** (k_scale2 - 1) into the queries so the
     # second stage sees Q Aᵀ s ** k_scale2.
-    c = scale ** (k_scale2 - 1.0)
-    if _needs_grad(q):
-        return _agent_core(q * c, k, v, agents, scale, k_shortcut, fused)
-    # written head-major contiguous: the CPU flash kernel is faster on it than on a strided view
-    return _agent_core(torch.mul(q, c, out=q.new_empty(q.shape)), k, v, agents, scale, k_shortcut, fused)
+    return _agent_core(q * scale ** (k_scale2 - 1.0), k, v, agents, scale, k_shortcut, fused)
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
@@ -188,7 +184,7 @@ def _project_qkv(
         compute_dtype: torch.dtype,
         cache: Optional[dict],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """Head-split (B, H, M, d) q, k, v, contiguous, q optionally pre-multiplied; the last item says whether it was."""
+    """Head-split (B, H, M, d) views of q, k, v, q optionally pre-multiplied; the last item says whether it was."""
     B, M, _ = x.shape
     heads = attn.heads
     mods = (attn.to_q, attn.to_k, attn.to_v)
@@ -196,13 +192,12 @@ def _project_qkv(
                and getattr(attn, 'norm_q', None) is None and getattr(attn, 'norm_k', None) is None
                and not _needs_grad(x, *[m.weight for m in mods]))
     if fusable:
-        # One GEMM for q, k, v (q pre-scaled through its weight) and one copy to the head-major layout of all three.
+        # One GEMM for q, k, v (q pre-scaled through its weight). SDPA reads the head-split strided views directly: a
+        # head-major copy costs more than it saves on CPU (measured at 64x64 and 128x128 SD latents).
         w, b = _fused_qkv_weight(attn, q_mult, cache)
         qkv = F.linear(x, w, b)
         d = attn.to_k.out_features // heads
-        qkv = qkv.view(B, M, 3, heads, d).permute(2, 0, 3, 1, 4)
-        qkv = qkv.to(compute_dtype, memory_format=torch.contiguous_format)
-        q, k, v = qkv.unbind(0)
+        q, k, v = qkv.view(B, M, 3, heads, d).permute(2, 0, 3, 1, 4).to(compute_dtype).unbind(0)
         return q, k, v, True
     q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
     d = k.shape[-1] // heads
@@ -211,8 +206,7 @@ def _project_qkv(
         q = attn.norm_q(q)
     if getattr(attn, 'norm_k', None) is not None:
         k = attn.norm_k(k)
-    # head-major contiguous copies: the CPU flash-attention kernel runs ~20 % faster on them than on strided views
-    q, k, v = (t.to(compute_dtype, memory_format=torch.contiguous_format) for t in (q, k, v))
+    q, k, v = (t.to(compute_dtype) for t in (q, k, v))
     return q, k, v, False
 
 
@@ -257,7 +251,7 @@ def agentsd_self_attention(
         a = a.view(B, -1, heads, d).transpose(1, 2)
         if getattr(attn, 'norm_q', None) is not None:
             a = attn.norm_q(a)
-        a = a.to(compute_dtype, memory_format=torch.contiguous_format)
+        a = a.to(compute_dtype)
         if premultiplied:
             out = _agent_core(q, k, v, a, scale, k_shortcut, fused)
         else:

@@ -16,8 +16,8 @@ and ``LeapLabTHU/Agent-Attention/agentsd/merge.py``; this is a re-implementation
 
 Implementation differences from the reference code (same results up to fp summation order):
 
-- merge gathers the representative rows (dst and unmerged src) and accumulates the r merged src rows into their dst,
-  then scales by 1 / count; unmerge is one ``index_select`` with the merged slot of every token;
+- merge gathers the representative rows (dst and unmerged src), adds the r merged src rows into their dst
+  (``index_add_``) and scales by 1 / count; unmerge is one ``index_select`` with the merged slot of every token;
 - the merged tokens are ordered [dst, unmerged src] instead of [unmerged src, dst]. Attention is permutation
   equivariant, so the unmerged output does not depend on this order;
 - the similarity is ``metric @ dst_hat.T`` over all N tokens divided by the token norms afterwards (no normalised copy
@@ -39,6 +39,7 @@ import torch
 __all__ = ['TokenMerge', 'grid_partition', 'bipartite_soft_matching_2d', 'downsample_factor']
 
 _PARTITION_CACHE: Dict[tuple, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_SCORE_CHUNK_BYTES = 1 << 21
 
 
 def _partition(
@@ -107,9 +108,8 @@ class TokenMerge:
 
     Merged tokens are laid out as [dst (one per cell), unmerged src by decreasing best-match similarity] and agent
     tokens as [dst, src unmerged even for the agents]: the agents are the merged tokens minus one contiguous slice,
-    which is accumulated into its dst. Merging therefore needs only row gathers and a serial accumulation of the merged
-    rows (``index_put_(accumulate=True)``); ``index_add_`` / ``scatter_add_`` are avoided because their multi-threaded
-    CPU paths (a parallel radix sort of the index) degrade badly on busy machines.
+    which is added into its dst. Merging is therefore two row gathers plus an ``index_add_`` of the merged rows only
+    (on CPU ~3x faster than a ``scatter_add_`` of all N tokens with an expanded (B, N, C) index).
 
     Attributes:
         num_tokens: N, tokens before merging.
@@ -217,15 +217,13 @@ class TokenMerge:
         acc = x.float() if dtype in (torch.float16, torch.bfloat16) else x
         flat = acc.reshape(B * N, C)
         sums = flat.index_select(0, self._rep_flat).view(B, self.num_merged, C)
-        # serial, vectorisation-free but barrier-free accumulation of the r merged rows (index_put_ accumulate)
-        sums.index_put_((self._rows, self._add_dst), flat.index_select(0, self._add_flat).view(B, self.r, C),
-                        accumulate=True)
+        _accumulate(sums, self._rows, self._add_dst, flat.index_select(0, self._add_flat).view(B, self.r, C))
         agents = None
         if with_agents and self.has_agents:
             nd, k = self.num_dst, self._k
             agents = torch.cat([sums[:, :nd], sums[:, nd + k:]], dim=1)
             if k:
-                agents.index_put_((self._rows, self._agent_add_dst), sums[:, nd:nd + k], accumulate=True)
+                _accumulate(agents, self._rows, self._agent_add_dst, sums[:, nd:nd + k])
             agents = agents.mul_(self._inv_agent_count).to(dtype)
         if torch.is_grad_enabled() and sums.requires_grad:
             merged = sums * self._inv_count
@@ -254,6 +252,13 @@ class TokenMerge:
                 f'num_agents={self.num_agents})')
 
 
+def _accumulate(out: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
+    """``out[b, idx[b, j]] += values[b, j]`` for (B, M, C) ``out``, (B, K) ``idx`` and (B, K, C) ``values``."""
+    B, M, C = out.shape
+    flat_idx = idx if B == 1 else idx + rows * M
+    out.view(B * M, C).index_add_(0, flat_idx.reshape(-1), values.reshape(-1, C))
+
+
 def _per_row_bincount(idx: torch.Tensor, size: int) -> torch.Tensor:
     """(B, size) float counts of the values of every row of ``idx`` (B, K)."""
     B = idx.shape[0]
@@ -279,11 +284,24 @@ def _match(metric: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> Tuple[
     """Best cosine similarity and index of the best dst for every src token, (B, Ns) each."""
     if metric.dtype not in (torch.float32, torch.float64):
         metric = metric.float()
+    B, N, _ = metric.shape
     norm = metric.norm(dim=-1)  # (B, N)
-    d = metric.index_select(1, dst) / norm.index_select(1, dst).unsqueeze(-1)
+    d_t = (metric.index_select(1, dst) / norm.index_select(1, dst).unsqueeze(-1)).transpose(-1, -2)
     # The cosine argmax over dst does not depend on the src norm: score every token against the normalised dst, take
-    # the row maxima, then divide them by the src norms (no normalised N x C copy, no gathered src copy).
-    best, best_idx = (metric @ d.transpose(-1, -2)).max(dim=-1)
+    # the row maxima, then divide them by the src norms (no normalised N x C copy, no gathered src copy). The scores
+    # are made in row chunks of ~2 MB (cache resident, one reused buffer) instead of one N x Nd matrix (64 MB for a
+    # 128 x 128 SD latent).
+    chunk = max(256, _SCORE_CHUNK_BYTES // (metric.element_size() * dst.numel() * B))
+    if chunk >= N:
+        best, best_idx = (metric @ d_t).max(dim=-1)
+    else:
+        best = metric.new_empty(B, N)
+        best_idx = torch.empty(B, N, dtype=torch.int64, device=metric.device)
+        buf = metric.new_empty(B, chunk, dst.numel())
+        for start in range(0, N, chunk):
+            stop = min(N, start + chunk)
+            scores = torch.matmul(metric[:, start:stop], d_t, out=buf[:, :stop - start] if B == 1 else None)
+            torch.max(scores, dim=-1, out=(best[:, start:stop], best_idx[:, start:stop]))
     best = best.index_select(1, src) / norm.index_select(1, src)
     return best, best_idx.index_select(1, src)
 
