@@ -54,7 +54,10 @@ def _register():
 
 def _reduce_backbone(cfg: Config) -> None:
     bb = cfg.model.backbone
-    bb['depth' if bb.type == 'AgentCSwin' else 'depths'] = (1, 1, 1, 1)
+    if bb.type == 'TAPFAN':  # full widths (the head's in_channels), one FAN block, one block per ConvNeXt stage
+        bb.update(depth=1, backbone_depths=(1, 1))
+    else:
+        bb['depth' if bb.type == 'AgentCSwin' else 'depths'] = (1, 1, 1, 1)
     bb.pop('pretrained', None)
 
 
@@ -75,6 +78,9 @@ def test_config_list_complete():
     for v in 'tsb':
         assert f'cascade-mask-rcnn_agent-swin-{v}_fpn_3x_coco.py' in names
         assert f'upernet_agent-swin-{v}_160k_ade20k-512x512.py' in names
+    assert 'cascade-mask-rcnn_agent-swin-t_fpn_1x_coco.py' in names
+    assert 'segformer_tap-fan-b-hybrid_160k_cityscapes-1024x1024.py' in names
+    assert 'segformer_tap-fan-b-hybrid_cityscapes_demo.py' in names
 
 
 @pytest.mark.parametrize('path', CONFIGS, ids=[osp.basename(p) for p in CONFIGS])
@@ -85,11 +91,17 @@ def test_config_builds_and_runs(path):
     _reduce_backbone(cfg)
     is_det = '/mmdet/' in path
     scope = 'mmdet' if is_det else 'mmseg'
-    # optimizer: AdamW without decay on norms, position tables and the six agent biases
     opt = cfg.optim_wrapper
     assert opt.optimizer.type == 'AdamW'
-    for k in ('norm', 'relative_position_bias_table', 'an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias'):
-        assert opt.paramwise_cfg.custom_keys[k]['decay_mult'] == 0.0
+    if cfg.model.backbone.type == 'TAPFAN':
+        # the official SegFormer recipe: no decay on norms, head lr x10
+        assert opt.paramwise_cfg.custom_keys['norm']['decay_mult'] == 0.0
+        assert opt.paramwise_cfg.custom_keys['head']['lr_mult'] == 10.0
+    else:
+        # AdamW without decay on norms, position tables and the six agent biases
+        for k in ('norm', 'relative_position_bias_table', 'an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias',
+                  'wa_bias'):
+            assert opt.paramwise_cfg.custom_keys[k]['decay_mult'] == 0.0
     if is_det:
         from mmdet.registry import MODELS
         from mmdet.structures import DetDataSample

@@ -1,9 +1,11 @@
 """OpenMMLab (mmengine / mmdet 3.x / mmseg 1.x) backbones over the vitzoo timm models, registered once for both.
 
 The backbones are thin wrappers: each holds the vitzoo timm model (``self.model``, built with
-``timm.create_model``) and returns its ``forward_intermediates`` stage maps, so the attention exists only in
-``vitzoo.layers.agent_attention``. They are registered in mmengine's root ``MODELS`` registry, which mmdet's and
-mmseg's registries search through their parent chain (``type='AgentPVT'`` works in both).
+``timm.create_model``) and returns its stage maps (the agent families through ``forward_intermediates``), so the
+attention exists only in ``vitzoo.layers`` / ``vitzoo.models``. They are registered in mmengine's root ``MODELS``
+registry, which mmdet's and mmseg's registries search through their parent chain (``type='AgentPVT'`` works in
+both). ``TAPFAN`` (the TAP-FAN hybrid of TAP + ADL, official ``TAPADL_FAN/segmentation``) is documented on its class;
+its ADL segmentor ``ADLEncoderDecoder`` lives in :mod:`vitzoo._mm_seg` (mmseg only).
 
 Dense-task behaviour of the official downstream backbones (``downstream/{detection,segmentation}``):
 
@@ -42,12 +44,14 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
 import timm
+from timm.models import checkpoint
 
 import vitzoo.models  # noqa: F401  (registers the vitzoo timm models)
 from vitzoo.layers.agent_attention import AgentAttention
 from vitzoo.models import agent_cswin, agent_pvt, agent_swin
+from vitzoo.models import fan as fan_models
 
-__all__ = ['AgentPVT', 'AgentSwinTransformer', 'AgentCSwin', 'NO_DECAY_KEYS', 'paramwise_no_decay',
+__all__ = ['AgentPVT', 'AgentSwinTransformer', 'AgentCSwin', 'TAPFAN', 'NO_DECAY_KEYS', 'paramwise_no_decay',
            'trusted_checkpoints', 'load_checkpoint_file']
 
 # Parameter-name fragments without weight decay in the official dense configs (mmengine ``custom_keys`` match
@@ -150,11 +154,101 @@ def _read_checkpoint(path: str) -> Any:
 
 # ---- backbones ----------------------------------------------------------------------------------------------------
 
-class _AgentBackbone(BaseModule):
-    """Common part: build the timm model, set the agent grids, run ``forward_intermediates``, load weights."""
+class _TimmBackbone(BaseModule):
+    """Shared part of the backbones: build the vitzoo timm model, load weights, keep frozen parts in eval mode."""
 
     _filter_fn = None        # the family's checkpoint_filter_fn
     _default_model = ''
+
+    def __init__(
+            self,
+            model_name: Optional[str],
+            create_kwargs: Dict[str, Any],
+            frozen_stages: int = -1,
+            norm_eval: bool = False,
+            pretrained: Optional[str] = None,
+            init_cfg: Optional[Union[dict, List[dict]]] = None,
+    ):
+        if pretrained is not None:
+            if init_cfg is not None:
+                raise ValueError(f'{type(self).__name__}: pass pretrained or init_cfg, not both')
+            init_cfg = dict(type='Pretrained', checkpoint=pretrained)
+        super().__init__(init_cfg=init_cfg)
+        self.model_name = model_name or self._default_model
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        for k in ('num_classes', 'global_pool', 'features_only', 'pretrained_cfg_overlay'):
+            create_kwargs.pop(k, None)  # classification-only arguments of the official configs
+        self._create_kwargs = {**create_kwargs, 'num_classes': 0}
+        self.model = timm.create_model(self.model_name, pretrained=False, **self._create_kwargs)
+
+    def _freeze_stages(self) -> None:
+        pass
+
+    def train(self, mode: bool = True) -> 'nn.Module':
+        """Train mode that keeps frozen stages (and, with ``norm_eval``, BatchNorms) in eval mode."""
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    # weights
+    def init_weights(self) -> None:
+        """mm init; ``init_cfg=dict(type='Pretrained', checkpoint=...)`` loads classification or mm checkpoints."""
+        cfg = self.init_cfg
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained' and cfg.get('checkpoint'):
+            self.load_pretrained(cfg['checkpoint'], prefix=cfg.get('prefix'))
+            self._is_init = True
+            return
+        super().init_weights()
+
+    def _complete_classification(self, state_dict: Dict[str, torch.Tensor],
+                                 full: nn.Module) -> Dict[str, torch.Tensor]:
+        """Hook: fill keys a family's classification-style checkpoint may lack (before the filter checks them)."""
+        return state_dict
+
+    def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None) -> None:
+        """Load a classification (official / vitzoo) or mm (``backbone.``-prefixed) checkpoint.
+
+        Args:
+            checkpoint: Path or URL.
+            prefix: Take the keys under this prefix (mm style, e.g. 'backbone.'); detected automatically for full
+                detector / segmentor checkpoints.
+        """
+        logger = MMLogger.get_current_instance()
+        ckpt = _read_checkpoint(checkpoint)
+        from vitzoo.models._helpers import unwrap_state_dict
+        state_dict = unwrap_state_dict(ckpt)
+        if prefix is None and any(k.startswith('backbone.') for k in state_dict):
+            prefix = 'backbone.'
+        if prefix:
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if any(k.startswith('model.') for k in state_dict):
+            # a checkpoint of this wrapper: load as is
+            missing, unexpected = self.load_state_dict(state_dict, strict=False)
+            if unexpected or missing:
+                raise RuntimeError(f'{type(self).__name__}: checkpoint {checkpoint} does not fit: '
+                                   f'missing {missing[:5]}, unexpected {unexpected[:5]}')
+            logger.info(f'{type(self).__name__}: loaded {checkpoint}')
+            return
+        # classification checkpoint: map it onto an unpruned copy of the model (the filter checks every key)
+        full = timm.create_model(self.model_name, pretrained=False, **self._create_kwargs)
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('head.')}
+        state_dict = type(self)._filter_fn(self._complete_classification(state_dict, full), full)
+        own = self.model.state_dict()
+        dropped = [k for k in state_dict if k not in own]  # final norm, stages after the last output
+        state_dict = {k: v for k, v in state_dict.items() if k in own}
+        self.model.load_state_dict(state_dict, strict=True)
+        logger.info(f'{type(self).__name__}: loaded classification checkpoint {checkpoint} '
+                    f'({len(state_dict)} tensors; not used: {len(dropped)}; output norms keep their init)')
+
+
+class _AgentBackbone(_TimmBackbone):
+    """Common part: build the timm model, set the agent grids, run ``forward_intermediates``, load weights."""
+
     _default_out_norms = False
     _pad_input = True        # zero-pad to a multiple of the patch size (False: crop, PVT's floor)
     _patch = 4
@@ -174,22 +268,13 @@ class _AgentBackbone(BaseModule):
             init_cfg: Optional[Union[dict, List[dict]]] = None,
             **model_kwargs,
     ):
-        if pretrained is not None:
-            if init_cfg is not None:
-                raise ValueError(f'{type(self).__name__}: pass pretrained or init_cfg, not both')
-            init_cfg = dict(type='Pretrained', checkpoint=pretrained)
-        super().__init__(init_cfg=init_cfg)
-        self.model_name = model_name or self._default_model
-        self.out_indices = tuple(int(i) for i in out_indices)
-        if not self.out_indices or min(self.out_indices) < 0 or max(self.out_indices) > 3:
+        out_indices = tuple(int(i) for i in out_indices)
+        if not out_indices or min(out_indices) < 0 or max(out_indices) > 3:
             raise ValueError(f'{type(self).__name__}: out_indices must be stage indices in 0..3, got {out_indices}')
-        self.frozen_stages = frozen_stages
-        self.norm_eval = norm_eval
-        for k in ('num_classes', 'global_pool', 'features_only', 'pretrained_cfg_overlay'):
-            model_kwargs.pop(k, None)  # classification-only arguments of the official configs
-        self._create_kwargs = {**self._model_defaults(), **model_kwargs,
-                               'num_classes': 0, 'img_size': img_size, 'drop_path_rate': drop_path_rate}
-        self.model = timm.create_model(self.model_name, pretrained=False, **self._create_kwargs)
+        create_kwargs = {**self._model_defaults(), **model_kwargs, 'img_size': img_size,
+                         'drop_path_rate': drop_path_rate}
+        super().__init__(model_name, create_kwargs, frozen_stages, norm_eval, pretrained, init_cfg)
+        self.out_indices = out_indices
         self.num_stages = len(self._stages())
         self._prune()
         if with_cp:
@@ -253,16 +338,6 @@ class _AgentBackbone(BaseModule):
     def _stem_params(self) -> List[nn.Parameter]:
         return []
 
-    def train(self, mode: bool = True) -> 'nn.Module':
-        """Train mode that keeps frozen stages (and, with ``norm_eval``, BatchNorms) in eval mode."""
-        super().train(mode)
-        self._freeze_stages()
-        if mode and self.norm_eval:
-            for m in self.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
-        return self
-
     def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         p = self._patch
         H, W = x.shape[-2:]
@@ -283,51 +358,6 @@ class _AgentBackbone(BaseModule):
                 f = getattr(self, f'norm{i}')(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
             outs.append(f)
         return tuple(outs)
-
-    # weights
-    def init_weights(self) -> None:
-        """mm init; ``init_cfg=dict(type='Pretrained', checkpoint=...)`` loads classification or mm checkpoints."""
-        cfg = self.init_cfg
-        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained' and cfg.get('checkpoint'):
-            self.load_pretrained(cfg['checkpoint'], prefix=cfg.get('prefix'))
-            self._is_init = True
-            return
-        super().init_weights()
-
-    def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None) -> None:
-        """Load a classification (official / vitzoo) or mm (``backbone.``-prefixed) checkpoint.
-
-        Args:
-            checkpoint: Path or URL.
-            prefix: Take the keys under this prefix (mm style, e.g. 'backbone.'); detected automatically for full
-                detector / segmentor checkpoints.
-        """
-        logger = MMLogger.get_current_instance()
-        ckpt = _read_checkpoint(checkpoint)
-        from vitzoo.models._helpers import unwrap_state_dict
-        state_dict = unwrap_state_dict(ckpt)
-        if prefix is None and any(k.startswith('backbone.') for k in state_dict):
-            prefix = 'backbone.'
-        if prefix:
-            state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        if any(k.startswith('model.') for k in state_dict):
-            # a checkpoint of this wrapper: load as is
-            missing, unexpected = self.load_state_dict(state_dict, strict=False)
-            if unexpected or missing:
-                raise RuntimeError(f'{type(self).__name__}: checkpoint {checkpoint} does not fit: '
-                                   f'missing {missing[:5]}, unexpected {unexpected[:5]}')
-            logger.info(f'{type(self).__name__}: loaded {checkpoint}')
-            return
-        # classification checkpoint: map it onto an unpruned copy of the model (the filter checks every key)
-        full = timm.create_model(self.model_name, pretrained=False, **self._create_kwargs)
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('head.')}
-        state_dict = type(self)._filter_fn(state_dict, full)
-        own = self.model.state_dict()
-        dropped = [k for k in state_dict if k not in own]  # final norm, stages after the last output
-        state_dict = {k: v for k, v in state_dict.items() if k in own}
-        self.model.load_state_dict(state_dict, strict=True)
-        logger.info(f'{type(self).__name__}: loaded classification checkpoint {checkpoint} '
-                    f'({len(state_dict)} tensors; not used: {len(dropped)}; output norms keep their init)')
 
 
 @MODELS.register_module()
@@ -412,3 +442,190 @@ class AgentCSwin(_AgentBackbone):
     def _stem(self) -> nn.Module:
         return self.model.patch_embed
 
+
+
+@MODELS.register_module()
+class TAPFAN(_TimmBackbone):
+    """TAP-FAN hybrid backbone (official TAPADL ``segmentation`` FAN): 4 maps for a SegFormer head, and ADL maps.
+
+    Outputs (official order; ``tap_fan_base_16_p4_hybrid``: channels 128, 256, 448, 448):
+
+    - 0, 1: the two ConvNeXt stage maps of the hybrid stem (strides 4 and 8);
+    - 2: the tokens after FAN block ``block_index`` as a map (stride 16);
+    - 3: the patch tokens after the two class-attention blocks (with the class token prepended, no final norm), as
+      a map at stride 16. The official config declares ``feature_strides=[4, 8, 16, 32]``, but this map has
+      stride 16, as the official backbone returns it (the SegFormer head resizes every map to stride 4 anyway).
+
+    Attention maps for ADL: inside ``with backbone.record_attention():`` the forward also keeps the post-softmax
+    map (B, heads, N, N) of every FAN block (then computed explicitly instead of by fused SDPA), and
+    :meth:`pop_attention` returns them; :class:`vitzoo._mm_seg.ADLEncoderDecoder` adds them to the loss as ``loss_ad``.
+    Outside it the forward is the plain feature extractor (the official backbone returns ``(feats, attn)`` in train
+    mode and feats in eval mode).
+
+    Any input size, square or not: the image is zero-padded bottom/right to a multiple of 16 and each map is cropped
+    back to ``ceil(size / stride)``; TAP and the Fourier position encoding work on the actual (h, w) token grid (the
+    official reshapes the tokens to ``int(N ** 0.5)`` squared, which breaks non-square inputs).
+
+    Args:
+        model_name: vitzoo hybrid FAN ('tap_fan_base_16_p4_hybrid' (default), '_tiny_8_', '_small_12_', '_large_16_',
+            or the plain 'fan_*_p4_hybrid' models).
+        img_size: Classification resolution (nothing is tied to it in FAN).
+        out_indices: Maps to return, 0..3.
+        block_index: FAN block whose output is map 2 (default the last; the official large hybrid uses 18).
+        frozen_stages: -1 none; 0 freezes the ConvNeXt stem; k > 0 also the stages 0..k-1 of (ConvNeXt stage 0,
+            ConvNeXt stage 1, patch projection + position encoding + FAN blocks, class token + class-attention
+            blocks). Frozen parts stay in eval mode (their BatchNorms keep their statistics).
+        drop_path_rate: Stochastic depth (the official segmentation backbone hard-codes 0).
+        sync_dwconv_bn: Make the channel-processing DWConv BatchNorms ``SyncBatchNorm``, as the official segmentation
+            FAN (multi-GPU training; mmengine's Runner reverts them to BatchNorm in a single process).
+        with_cp: Gradient checkpointing.
+        norm_eval: Keep every BatchNorm (TAP dilation predictor, DWConv) in eval mode while training.
+        pretrained: Deprecated, use init_cfg.
+        init_cfg: ``dict(type='Pretrained', checkpoint=...)``: an ImageNet (official ``{'state_dict': ...}`` or
+            vitzoo) checkpoint mapped by ``vitzoo.models.fan.checkpoint_filter_fn``, the official segmentation
+            checkpoint's backbone (``backbone.`` keys, no final norm), or a checkpoint of this wrapper.
+        **model_kwargs: Passed to ``timm.create_model`` (e.g. ``depth``, ``backbone_depths`` for reduced models).
+    """
+    _filter_fn = staticmethod(fan_models.checkpoint_filter_fn)
+    _default_model = 'tap_fan_base_16_p4_hybrid'
+
+    def __init__(
+            self,
+            model_name: Optional[str] = None,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            out_indices: Sequence[int] = (0, 1, 2, 3),
+            block_index: Optional[int] = None,
+            frozen_stages: int = -1,
+            drop_path_rate: float = 0.0,
+            sync_dwconv_bn: bool = False,
+            with_cp: bool = False,
+            norm_eval: bool = False,
+            pretrained: Optional[str] = None,
+            init_cfg: Optional[Union[dict, List[dict]]] = None,
+            **model_kwargs,
+    ):
+        out_indices = tuple(int(i) for i in out_indices)
+        if not out_indices or min(out_indices) < 0 or max(out_indices) > 3:
+            raise ValueError(f'TAPFAN: out_indices must be map indices in 0..3, got {out_indices}')
+        create_kwargs = {**model_kwargs, 'img_size': img_size, 'drop_path_rate': drop_path_rate}
+        super().__init__(model_name, create_kwargs, frozen_stages, norm_eval, pretrained, init_cfg)
+        m = self.model
+        if not isinstance(m.patch_embed, fan_models.HybridEmbed) or len(m.patch_embed.backbone.stages) != 2:
+            raise ValueError(f'TAPFAN wraps the hybrid FAN models (2-stage ConvNeXt stem, *_p4_hybrid); '
+                             f'{self.model_name} is not one')
+        depth = len(m.blocks)
+        self.block_index = depth - 1 if block_index is None else int(block_index)
+        if not 0 <= self.block_index < depth:
+            raise ValueError(f'TAPFAN: block_index must be in 0..{depth - 1}, got {block_index}')
+        self.out_indices = out_indices
+        # unused by the dense outputs: the final norm and the classifier, and the class-attention part if map 3 is
+        # not asked for (no unused parameters under DDP)
+        m.norm = nn.Identity()
+        m.reset_classifier(0)
+        if 3 not in out_indices:
+            m.cls_attn_blocks = nn.ModuleList()
+            del m.cls_token
+            m.register_parameter('cls_token', None)
+        if with_cp:
+            m.set_grad_checkpointing(True)
+        if sync_dwconv_bn:
+            for blk in m.blocks:
+                dw = getattr(getattr(blk.mlp, 'mlp_v', None), 'dwconv', None)
+                if dw is not None:
+                    dw.bn = nn.SyncBatchNorm(dw.bn.num_features, eps=dw.bn.eps, momentum=dw.bn.momentum)
+        stem = m.patch_embed.backbone
+        channels = [stem.stem[0].out_channels, stem.num_features, m.feature_info[self.block_index]['num_chs'],
+                    m.num_features]
+        self.num_features = [channels[i] for i in out_indices]
+        self._record = False
+        self._attn: Optional[List[torch.Tensor]] = None
+        self._freeze_stages()
+
+    def _stage_modules(self) -> List[List[nn.Module]]:
+        m = self.model
+        stem = m.patch_embed.backbone
+        trunk = [m.patch_embed.proj, m.blocks] + ([m.pos_embed] if m.pos_embed is not None else [])
+        return [[stem.stages[0]], [stem.stages[1]], trunk, [m.cls_attn_blocks]]
+
+    def _freeze_stages(self) -> None:
+        if self.frozen_stages < 0:
+            return
+        modules = [self.model.patch_embed.backbone.stem]
+        for group in self._stage_modules()[:self.frozen_stages]:
+            modules += group
+        params = [p for mod in modules for p in mod.parameters()]
+        if self.frozen_stages >= 4 and self.model.cls_token is not None:
+            params.append(self.model.cls_token)
+        for mod in modules:
+            mod.eval()
+        for p in params:
+            p.requires_grad = False
+
+    def _complete_classification(self, state_dict: Dict[str, torch.Tensor],
+                                 full: nn.Module) -> Dict[str, torch.Tensor]:
+        # the official segmentation FAN has no final norm: its checkpoints lack norm.* (unused here anyway)
+        if any(k.startswith('blocks.') for k in state_dict) and not any(k.startswith('norm.') for k in state_dict):
+            state_dict = dict(state_dict)
+            state_dict.update({k: v for k, v in full.state_dict().items() if k.startswith('norm.')})
+        return state_dict
+
+    @contextlib.contextmanager
+    def record_attention(self) -> Iterator[None]:
+        """While active, each forward keeps every FAN block's attention map for :meth:`pop_attention`."""
+        previous = self._record
+        self._record = True
+        try:
+            yield
+        finally:
+            self._record = previous
+
+    def pop_attention(self) -> List[torch.Tensor]:
+        """The attention maps (one (B, heads, N, N) per FAN block) of the last recorded forward; clears them."""
+        attn, self._attn = self._attn, None
+        if attn is None:
+            raise RuntimeError('TAPFAN.pop_attention: no forward ran inside record_attention()')
+        return attn
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Maps (B, C_i, H_i, W_i) for ``out_indices``."""
+        m = self.model
+        H, W = x.shape[-2:]
+        p = m.patch_size
+        if H % p or W % p:
+            x = F.pad(x, (0, (-W) % p, 0, (-H) % p))
+        Hp, Wp = x.shape[-2:]
+        stem = m.patch_embed.backbone
+        y = stem.stem(x)
+        maps = []
+        for stage in stem.stages:
+            y = stage(y)
+            maps.append(y)
+        y = m.patch_embed.proj(y)
+        B, C, h, w = y.shape
+        t = y.flatten(2).transpose(1, 2)
+        if m.pos_embed is not None:
+            t = t + m.pos_embed(B, h, w).flatten(2).transpose(1, 2)
+        t = m.pos_drop(t)
+        hw, record, attns = (h, w), self._record, []
+        last = len(m.blocks) - 1 if (record or 3 in self.out_indices) else max(self.block_index, 0)
+        for i, blk in enumerate(m.blocks[:last + 1]):
+            t, attn, hw = m._run_block(blk, t, hw, record)
+            if record:
+                attns.append(attn)
+            if i == self.block_index:
+                maps.append(t.transpose(1, 2).reshape(B, -1, hw[0], hw[1]))
+        if 3 in self.out_indices:
+            t = torch.cat([m.cls_token.expand(B, -1, -1), t], dim=1)
+            for blk in m.cls_attn_blocks:
+                t = checkpoint(blk, t) if m.grad_checkpointing else blk(t)
+            maps.append(t[:, 1:].transpose(1, 2).reshape(B, -1, hw[0], hw[1]))
+        if record:
+            self._attn = attns
+        outs = []
+        for i in self.out_indices:
+            f = maps[i]
+            if (Hp, Wp) != (H, W):  # crop the maps of the zero padding
+                fh, fw = f.shape[-2:]
+                f = f[..., :-(-H * fh // Hp), :-(-W * fw // Wp)]
+            outs.append(f.contiguous())
+        return tuple(outs)

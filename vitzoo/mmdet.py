@@ -1,11 +1,12 @@
 """mmdet 3.x integration: ``custom_imports=dict(imports=['vitzoo.mmdet'], allow_failed_imports=False)``.
 
-Registers the vitzoo agent backbones (``AgentPVT``, ``AgentSwinTransformer``, ``AgentCSwin``) in mmengine's root model
-registry, where mmdet's ``MODELS`` finds them; see :mod:`vitzoo._mm`. Imports mmengine (and this module only).
+Registers the vitzoo backbones (``AgentPVT``, ``AgentSwinTransformer``, ``AgentCSwin``, ``TAPFAN``) in mmengine's
+root model registry, where mmdet's ``MODELS`` finds them; see :mod:`vitzoo._mm`. Imports mmengine (and this module
+only).
 """
 from vitzoo._mm import (  # noqa: F401
-    NO_DECAY_KEYS, AgentCSwin, AgentPVT, AgentSwinTransformer, load_checkpoint_file, paramwise_no_decay,
+    NO_DECAY_KEYS, TAPFAN, AgentCSwin, AgentPVT, AgentSwinTransformer, load_checkpoint_file, paramwise_no_decay,
     trusted_checkpoints)
 
-__all__ = ['AgentPVT', 'AgentSwinTransformer', 'AgentCSwin', 'NO_DECAY_KEYS', 'paramwise_no_decay',
+__all__ = ['AgentPVT', 'AgentSwinTransformer', 'AgentCSwin', 'TAPFAN', 'NO_DECAY_KEYS', 'paramwise_no_decay',
            'trusted_checkpoints', 'load_checkpoint_file']

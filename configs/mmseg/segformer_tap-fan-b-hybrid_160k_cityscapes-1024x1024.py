@@ -1,0 +1,62 @@
+# SegFormer head + TAP-FAN-B-Hybrid (TAP + ADL), 160k iterations on Cityscapes 1024x1024: the official TAPADL
+# segmentation recipe (TAPADL_FAN/segmentation, tapadl_fan_hybrid_base.1024x1024.city.160k.py): 4 GPUs x 1 image,
+# AdamW lr 6e-5, wd 0.01 (none on norms), head lr x10, linear warmup 1500 iterations then poly (power 1.0),
+# 1024x1024 crops, slide inference 1024 / 768, ADL as `loss_ad` (weight 1, threshold 2).
+# ImageNet init: the released tapadl_fan_base.pth.tar, e.g. --cfg-options model.backbone.pretrained=PATH.
+# Note: the official ADL is exactly 0 with one image per GPU (a squeeze bug, see vitzoo/_mm_seg.py); vitzoo's is not.
+# For what the official run effectively trained, set model.loss_ad.loss_weight=0.
+_base_ = [
+    'mmseg::_base_/models/segformer_mit-b0.py',
+    'mmseg::_base_/datasets/cityscapes_1024x1024.py',
+    'mmseg::_base_/default_runtime.py',
+    'mmseg::_base_/schedules/schedule_160k.py',
+]
+custom_imports = dict(imports=['vitzoo.mmseg'], allow_failed_imports=False)
+
+crop_size = (1024, 1024)
+data_preprocessor = dict(size=crop_size)
+norm_cfg = dict(type='SyncBN', requires_grad=True)
+model = dict(
+    type='ADLEncoderDecoder',
+    loss_ad=dict(loss_weight=1.0, threshold=2.0),
+    data_preprocessor=data_preprocessor,
+    backbone=dict(
+        _delete_=True,
+        type='TAPFAN',
+        model_name='tap_fan_base_16_p4_hybrid',
+        img_size=224,
+        out_indices=(0, 1, 2, 3),
+        drop_path_rate=0.0,  # hard-coded 0 in the official segmentation FAN
+        sync_dwconv_bn=True,  # the official DWConv norms are SyncBN (reverted to BN in a single process)
+        # ImageNet checkpoint (official or vitzoo format), e.g. --cfg-options model.backbone.pretrained=PATH
+        pretrained=None),
+    # maps at strides 4, 8, 16, 16 (the official config lists feature_strides [4, 8, 16, 32]; the head resizes all
+    # maps to stride 4); 768 = the official SegFormer decoder_params.embed_dim
+    decode_head=dict(
+        type='SegformerHead',
+        in_channels=[128, 256, 448, 448],
+        in_index=[0, 1, 2, 3],
+        channels=768,
+        dropout_ratio=0.1,
+        num_classes=19,
+        norm_cfg=norm_cfg,
+        align_corners=False),
+    test_cfg=dict(mode='slide', crop_size=(1024, 1024), stride=(768, 768)))
+
+optim_wrapper = dict(
+    _delete_=True,
+    type='OptimWrapper',
+    optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01),
+    paramwise_cfg=dict(custom_keys={
+        'pos_block': dict(decay_mult=0.),
+        'norm': dict(decay_mult=0.),
+        'head': dict(lr_mult=10.)}))
+param_scheduler = [
+    dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=1500),
+    dict(type='PolyLR', eta_min=0.0, power=1.0, begin=1500, end=160000, by_epoch=False),
+]
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=160000, val_interval=4000)
+default_hooks = dict(checkpoint=dict(by_epoch=False, interval=4000))
+train_dataloader = dict(batch_size=1, num_workers=4)
+val_dataloader = dict(batch_size=1, num_workers=4)
+test_dataloader = val_dataloader
