@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vitzoo.layers.agent_attention import AgentAttention, agent_attention, resize_bias_1d
+from vitzoo.layers.agent_attention import AgentAttention, agent_attention, resize_bias_1d, split_qkv
 
 
 def _randomize(m: AgentAttention, seed: int = 0) -> AgentAttention:
@@ -46,6 +46,87 @@ def test_fused_equals_explicit_gradients():
         assert grads[0][n].abs().sum() > 0, f'{n} got no gradient'
 
 
+def _three_paths(m: AgentAttention, fn):
+    """Outputs of the factored, SDPA and explicit paths of ``m`` (restoring its flags)."""
+    outs = []
+    for fused, factored in ((True, True), (True, False), (False, None)):
+        m.fused_attn, m.factored = fused, factored
+        assert m.use_factored() is bool(factored)
+        outs.append(fn())
+    m.fused_attn, m.factored = True, None
+    return outs
+
+
+@pytest.mark.parametrize('layout,prefix,sr,hw,agent_hw', [
+    ('qkv', 1, 1, (14, 14), None),
+    ('qkv', 0, 1, (7, 9), None),
+    ('q_kv', 0, 1, (12, 12), None),
+    ('q_kv', 0, 2, (12, 10), None),
+    ('q_kv', 0, 1, (11, 13), (2, 4)),
+    ('qkv', 0, 1, (12, 12), (4, 4)),
+])
+def test_factored_equals_sdpa_and_explicit(layout, prefix, sr, hw, agent_hw):
+    m = _randomize(AgentAttention(32, num_heads=2, agent_num=9, window_size=(12, 12), qkv_layout=layout,
+                                  num_prefix_tokens=prefix, sr_ratio=sr)).eval()
+    if agent_hw:
+        m.agent_hw = agent_hw
+    x = torch.randn(2, prefix + hw[0] * hw[1], 32)
+    with torch.no_grad():
+        factored, sdpa, explicit = _three_paths(m, lambda: m(x, hw))
+    assert factored.shape == x.shape
+    torch.testing.assert_close(factored, explicit, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(factored, sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_factored_gradients_equal_explicit():
+    # Compared against the explicit path in float64 (the truth up to ~1e-15): large random weights make the softmaxes
+    # peaked, so two fp32 paths differ from each other by more than either differs from the truth.
+    m = _randomize(AgentAttention(32, num_heads=2, agent_num=4, window_size=(8, 8), num_prefix_tokens=1)).train()
+    x = torch.randn(2, 65, 32)
+
+    def grads(dtype):
+        m.to(dtype).zero_grad()
+        xg = x.to(dtype).clone().requires_grad_()
+        m(xg, (8, 8)).square().sum().backward()
+        return {'x': xg.grad.double(), **{n: p.grad.double() for n, p in m.named_parameters()}}
+
+    m.fused_attn = False
+    truth = grads(torch.float64)
+    for got in _three_paths(m, lambda: grads(torch.float32)):
+        for n, ref in truth.items():
+            err = (got[n] - ref).abs().max() / ref.abs().max()
+            if n == 'qkv.bias':
+                # b_k is constant along the stage-1 softmax axis: its true gradient is 0 (the factored path drops it)
+                err = max((got[n][:32] - ref[:32]).abs().max(), (got[n][64:] - ref[64:]).abs().max()) / ref.abs().max()
+                assert ref[32:64].abs().max() < 1e-9 * ref.abs().max()
+            assert err < 1e-5, (n, err.item())
+
+
+def test_factored_is_automatic_for_few_agents_per_channel():
+    wide = AgentAttention(64, num_heads=1, agent_num=9, window_size=(8, 8), qkv_layout='q_kv').eval()
+    narrow = AgentAttention(64, num_heads=4, agent_num=16, window_size=(8, 8)).eval()
+    assert wide.use_factored() and not narrow.use_factored()  # 9 <= 64/2; 64 > 64/2
+    wide.fused_attn = False
+    assert not wide.use_factored(), 'the explicit path is never factored'
+    dropped = AgentAttention(64, num_heads=1, agent_num=9, window_size=(8, 8), attn_drop=0.1).train()
+    assert not dropped.use_factored(), 'attention dropout breaks the row-sum identity the factored path relies on'
+    assert dropped.eval().use_factored()
+
+
+def test_attend_with_external_weights_matches_forward_qkv():
+    # CSwin keeps its q/k/v projection in the block and calls attend() with its weights
+    m = _randomize(AgentAttention(32, num_heads=2, agent_num=4, window_size=(6, 6), qkv_layout='none', proj=False,
+                                  dwc_name='get_v')).eval()
+    lin = torch.nn.Linear(32, 96)
+    x = torch.randn(2, 36, 32)
+    with torch.no_grad():
+        q, k, v = lin(x).reshape(2, 36, 3, 32).unbind(2)
+        ref = m.forward_qkv(q, k, v, (6, 6))
+        m.factored = True
+        out = m.attend(x, (6, 6), split_qkv(lin.weight, lin.bias))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_functional_matches_manual_softmax():
     q, k, v = torch.randn(3, 2, 2, 20, 8).unbind(0)
     agents = torch.randn(2, 2, 4, 8)
@@ -85,6 +166,23 @@ def test_bias_cache_hits_and_invalidates():
     assert b1_grad.requires_grad and b1_grad is not m.get_biases((6, 6))[0]
     # biases are broadcast over the batch, never repeated
     assert b1_grad.shape[0] == 1
+
+
+def test_bias_cache_keeps_only_small_biases(monkeypatch):
+    m = _randomize(AgentAttention(16, num_heads=2, agent_num=4, window_size=(6, 6))).eval()
+    small = 2 * (2 * 4 * 36) * 4  # bytes of the fp32 (b1, b2) pair at 6x6
+    monkeypatch.setattr(AgentAttention, 'bias_cache_max_bytes', small)
+    x = torch.randn(2, 100, 16)
+    with torch.no_grad():
+        b1, _ = m.get_biases((6, 6))
+        assert m.get_biases((6, 6))[0] is b1, 'a pair within the budget is cached'
+        big1, big2 = m.get_biases((10, 10))
+        assert m.get_biases((10, 10))[0] is not big1, 'a pair over the budget is rebuilt per call'
+        assert len(m._bias_cache) == 1
+        y_uncached = m(x, (10, 10))
+        monkeypatch.setattr(AgentAttention, 'bias_cache_max_bytes', 1 << 30)
+        torch.testing.assert_close(m.get_biases((10, 10))[0], big1, rtol=0, atol=0)
+        torch.testing.assert_close(m(x, (10, 10)), y_uncached, rtol=0, atol=0)
 
 
 def test_agent_grid_override_resizes_biases():

@@ -14,9 +14,19 @@ cls key) and ``ca_bias`` (cls query → agents) and gets no DWC term.
 Beyond the official code:
 - any token grid: the row/column biases are resized from their construction-time window to the actual grid (the
   official classification models fail with a shape error at any other resolution);
-- biases are broadcast, never ``.repeat``-ed per batch, and cached per grid size when no gradient is needed;
+- biases are broadcast, never ``.repeat``-ed per batch, and cached per grid size when no gradient is needed and they
+  are small (``AgentAttention.bias_cache_max_bytes``, 2 MiB per module: every default resolution). Larger ones (e.g.
+  896² inputs: 4-15 MB per block) are rebuilt per call as the official code does — caching them would add up to
+  ~130 MB of resident memory to a model for a ~1% gain, since building them costs O(H·n·N) against the attention's
+  O(H·n·N·d);
 - both softmax stages can run through ``F.scaled_dot_product_attention`` with the biases as additive float masks
-  (``fused_attn=True``); the explicit path computes the same thing with materialised attention maps.
+  (``fused_attn=True``); the explicit path computes the same thing with materialised attention maps;
+- the *factored* path (``fused_attn=True`` and few agents per channel, n·H <= C/2: the high-resolution stages of
+  Agent-PVT/Swin/CSwin) never forms Q and K. Pooling commutes with the affine q projection, so the agents are
+  ``A = pool(X) W_q^T + b_q``; the logits are ``Q A^T = X (A W_q)^T + b_q A^T`` and ``A K^T = (A W_k) X^T + A b_k``,
+  where the last term is constant along the softmax axis and drops out. Only V (needed by the DWC anyway) is
+  projected: two of the three (N x C x C) projections and their (N x C) outputs disappear, the attention is three
+  GEMMs whose output width is the H·n agent logits, and the second stage accumulates straight into the DWC output.
 
 This module imports only torch.
 """
@@ -26,7 +36,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['AgentAttention', 'agent_attention', 'resize_bias_1d', 'resize_agent_grid']
+__all__ = ['AgentAttention', 'agent_attention', 'resize_bias_1d', 'resize_agent_grid', 'split_qkv']
+
+
+def split_qkv(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+    """``(w_q, b_q, w_k, b_k, w_v, b_v)`` views of a fused (3C, C) q/k/v projection (biases None without bias)."""
+    C = weight.shape[0] // 3
+    bs = (None,) * 3 if bias is None else (bias[:C], bias[C:2 * C], bias[2 * C:])
+    return weight[:C], bs[0], weight[C:2 * C], bs[1], weight[2 * C:], bs[2]
 
 
 def _trunc_normal_(t: torch.Tensor, std: float = 0.02) -> torch.Tensor:
@@ -144,6 +161,11 @@ class AgentAttention(nn.Module):
         fused_attn: Use ``F.scaled_dot_product_attention`` for both softmax stages.
     """
 
+    # Largest bias pair (bytes) kept in the per-grid cache; bigger ones are rebuilt per call (see the module docstring).
+    bias_cache_max_bytes: int = 2 << 20
+    # The factored path pays off when the H·n agent logits per token are few against the C channels it saves.
+    factored_max_agent_ratio: float = 0.5
+
     def __init__(
             self,
             dim: int,
@@ -186,6 +208,7 @@ class AgentAttention(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.dwc_name = dwc_name
         self.fused_attn = fused_attn
+        self.factored: Optional[bool] = None  # None: automatic (see use_factored); True / False force it
 
         if qkv_layout == 'qkv':
             self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -220,6 +243,7 @@ class AgentAttention(nn.Module):
             self.ac_bias = None
             self.ca_bias = None
         self._bias_cache: Dict[tuple, Tuple[tuple, torch.Tensor, torch.Tensor]] = {}
+        self._mask_cache: Dict[tuple, torch.Tensor] = {}
         self.init_biases()
 
     def init_biases(self) -> None:
@@ -236,6 +260,7 @@ class AgentAttention(nn.Module):
             hw: Tuple[int, int],
             kv_hw: Tuple[int, int],
             dtype: torch.dtype,
+            agents_major: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Build B1 (1, H, n, P + Mk) and B2 (1, H, P + N, n) for a query grid ``hw`` and key grid ``kv_hw``."""
         heads, n = self.num_heads, self.agent_num
@@ -259,6 +284,8 @@ class AgentAttention(nn.Module):
         if ac is not None:
             b1 = torch.cat([ac, b1], dim=-1)
             b2 = torch.cat([ca, b2], dim=-2)
+        if agents_major:
+            b2 = b2.transpose(-1, -2).reshape(1, -1, b2.shape[2])
         return b1.to(dtype), b2.to(dtype)
 
     def get_biases(
@@ -266,6 +293,7 @@ class AgentAttention(nn.Module):
             hw: Tuple[int, int],
             kv_hw: Optional[Tuple[int, int]] = None,
             dtype: torch.dtype = torch.float32,
+            agents_major: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Agent biases for a grid, cached per grid when no gradient flows into them.
 
@@ -275,26 +303,29 @@ class AgentAttention(nn.Module):
             hw: Query token grid (h, w).
             kv_hw: Key token grid (defaults to ``hw``; smaller with spatial reduction).
             dtype: dtype of the returned biases (the attention's compute dtype).
+            agents_major: Return bias2 as a contiguous (1, H * n, P + N) tensor (the factored path's logits layout).
 
         Returns:
-            ``(bias1, bias2)`` of shapes (1, H, n, P + Mk) and (1, H, P + N, n).
+            ``(bias1, bias2)`` of shapes (1, H, n, P + Mk) and (1, H, P + N, n) (or (1, H * n, P + N)).
         """
         kv_hw = tuple(hw) if kv_hw is None else tuple(kv_hw)
         hw = tuple(hw)
         params = self._bias_params()
         cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
         if cacheable and not torch.jit.is_scripting() and not torch.compiler.is_compiling():
-            key = (hw, kv_hw, dtype, self.an_bias.device, tuple(self.agent_hw))
+            key = (hw, kv_hw, dtype, self.an_bias.device, tuple(self.agent_hw), agents_major)
             versions = tuple(p._version for p in params) + tuple(p.data_ptr() for p in params)
             hit = self._bias_cache.get(key)
             if hit is not None and hit[0] == versions:
                 return hit[1], hit[2]
-            b1, b2 = self._compute_biases(hw, kv_hw, dtype)
+            b1, b2 = self._compute_biases(hw, kv_hw, dtype, agents_major)
+            if (b1.numel() + b2.numel()) * b1.element_size() > self.bias_cache_max_bytes:
+                return b1, b2
             if len(self._bias_cache) > 16:  # bounded: a few grid sizes are normal, hundreds are not
                 self._bias_cache.clear()
             self._bias_cache[key] = (versions, b1, b2)
             return b1, b2
-        return self._compute_biases(hw, kv_hw, dtype)
+        return self._compute_biases(hw, kv_hw, dtype, agents_major)
 
     def _apply(self, fn, *args, **kwargs):
         # Moving / casting the module invalidates cached biases.
@@ -354,6 +385,132 @@ class AgentAttention(nn.Module):
             x = x + dwc
         return x
 
+    def use_factored(self) -> bool:
+        """Whether :meth:`attend` takes the factored path (see the module docstring)."""
+        if not self.fused_attn or self.factored is False:
+            return False
+        if self.training and self.attn_drop.p > 0.0:
+            return False  # dropped attention rows no longer sum to one: the V bias would not pass through
+        if self.factored:
+            return True
+        ph, pw = self.agent_hw
+        return ph * pw * self.num_heads <= self.factored_max_agent_ratio * self.dim
+
+    def split_weights(self) -> Tuple[Optional[torch.Tensor], ...]:
+        """``(w_q, b_q, w_k, b_k, w_v, b_v)`` views of this module's projections (biases may be None)."""
+        C = self.dim
+        if self.qkv_layout == 'qkv':
+            return split_qkv(self.qkv.weight, self.qkv.bias)
+        if self.qkv_layout == 'q_kv':
+            w, b = self.kv.weight, self.kv.bias
+            bk, bv = (None, None) if b is None else (b[:C], b[C:])
+            return self.q.weight, self.q.bias, w[:C], bk, w[C:], bv
+        raise RuntimeError("AgentAttention(qkv_layout='none') has no projections: pass the weights to attend()")
+
+    def attend(
+            self,
+            x: torch.Tensor,
+            hw: Tuple[int, int],
+            weights: Tuple[Optional[torch.Tensor], ...],
+            x_kv: Optional[torch.Tensor] = None,
+            kv_hw: Optional[Tuple[int, int]] = None,
+    ) -> torch.Tensor:
+        """Agent attention of un-projected tokens, given the q/k/v projection weights (before the output projection).
+
+        Args:
+            x: (B, P + h*w, C) tokens the queries are projected from, prefix tokens first.
+            hw: Query grid (h, w).
+            weights: ``(w_q, b_q, w_k, b_k, w_v, b_v)``, each weight (C, C), biases (C,) or None.
+            x_kv: Tokens the keys/values are projected from (defaults to ``x``; spatially reduced for PVT).
+            kv_hw: Grid of ``x_kv`` (defaults to ``hw``).
+
+        Returns:
+            (B, P + h*w, C), including the DWC term on the grid tokens.
+        """
+        x_kv = x if x_kv is None else x_kv
+        wq, bq, wk, bk, wv, bv = weights
+        if self.use_factored():
+            return self._forward_factored(x, x_kv, hw, kv_hw, wq, bq, wk, wv, bv)
+        q = F.linear(x, wq, bq)
+        k = F.linear(x_kv, wk, bk)
+        v = F.linear(x_kv, wv, bv)
+        return self.forward_qkv(q, k, v, hw, kv_hw)
+
+    def _forward_factored(
+            self,
+            x: torch.Tensor,
+            x_kv: torch.Tensor,
+            hw: Tuple[int, int],
+            kv_hw: Optional[Tuple[int, int]],
+            wq: torch.Tensor,
+            bq: Optional[torch.Tensor],
+            wk: torch.Tensor,
+            wv: torch.Tensor,
+            bv: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        B, N, C = x.shape
+        P = self.num_prefix_tokens
+        h, w = hw
+        kh, kw = (h, w) if kv_hw is None else kv_hw
+        Nk = x_kv.shape[1]
+        if N != P + h * w or Nk != P + kh * kw:
+            raise ValueError(
+                f'AgentAttention: got {N} query / {Nk} key tokens, expected {P} prefix + {h}x{w} grid '
+                f'and {P} prefix + {kh}x{kw} grid')
+        H, d, s = self.num_heads, self.head_dim, self.scale
+        ph, pw = self.agent_hw
+        n = ph * pw
+        # agents: pooling commutes with the affine q projection (its weights sum to one)
+        x_grid = x[:, P:].reshape(B, h, w, C).permute(0, 3, 1, 2)
+        agents = F.linear(F.adaptive_avg_pool2d(x_grid, (ph, pw)).flatten(2).transpose(1, 2), wq, bq)
+        a = agents.view(B, n, H, d).transpose(1, 2)  # (B, H, n, d)
+        # (A_h W_h) s for keys and queries: the logits come straight from the un-projected tokens. They are kept
+        # agents-major (B, H*n, tokens): the stage-2 softmax across rows then vectorises over tokens (over 9
+        # contiguous values it would not: ~10x slower on CPU).
+        wkq = torch.stack([wk.view(H, d, C), wq.view(H, d, C)], dim=1)  # (H, 2, d, C)
+        m = torch.matmul(a.unsqueeze(2), wkq).mul_(s)  # (B, H, 2, n, C)
+        m_k, m_q = m[:, :, 0].reshape(B, H * n, C), m[:, :, 1].reshape(B, H * n, C)
+        bias1, bias2 = self.get_biases((h, w), (kh, kw), dtype=x.dtype, agents_major=True)
+        bias1 = bias1.reshape(1, H * n, Nk)
+        if x_kv is x:
+            # one GEMM (one pass over the tokens) for both stages' logits
+            logits = torch.bmm(torch.cat([m_k, m_q], dim=1), x.transpose(1, 2))
+            l1, l2 = logits[:, :H * n].add_(bias1), logits[:, H * n:].add_(bias2)
+        else:
+            l1 = torch.baddbmm(bias1, m_k, x_kv.transpose(1, 2))
+            l2 = torch.baddbmm(bias2, m_q, x.transpose(1, 2))
+        if bq is not None:
+            # b_q A^T varies along the stage-2 softmax axis (per batch and agent), so it stays
+            l2 = l2.add_(torch.matmul(a, bq.view(H, d, 1)).mul_(s).view(B, H * n, 1))
+        # stage 1: agents aggregate V over all tokens (A b_k is constant along the softmax axis: dropped)
+        v = F.linear(x_kv, wv, bv)
+        agent_v = torch.bmm(l1.softmax(dim=-1), v)  # (B, H*n, C): head h's agents only need its own d channels
+        if H > 1:
+            agent_v = agent_v * self._block_diagonal(H, n, d, agent_v)
+        # stage 2: every token reads the agents
+        p2 = l2.reshape(B, H, n, N).softmax(dim=2).view(B, H * n, N).transpose(1, 2)
+
+        v_grid = v[:, P:].reshape(B, kh, kw, C).permute(0, 3, 1, 2)
+        if (kh, kw) != (h, w):
+            v_grid = F.interpolate(v_grid.contiguous(memory_format=torch.channels_last), size=(h, w),
+                                   mode='bilinear', align_corners=False)
+        dwc = getattr(self, self.dwc_name)(v_grid)
+        if P == 0 and dwc.is_contiguous(memory_format=torch.channels_last):
+            # accumulate the attention output into the (token-major) DWC output: no extra (N x C) tensor
+            return dwc.permute(0, 2, 3, 1).reshape(B, N, C).baddbmm_(p2, agent_v)
+        out = torch.bmm(p2, agent_v)
+        out[:, P:] += dwc.flatten(2).transpose(1, 2)
+        return out
+
+    def _block_diagonal(self, H: int, n: int, d: int, like: torch.Tensor) -> torch.Tensor:
+        """(H*n, H*d) 0/1 mask of the head-diagonal blocks, cached per device/dtype."""
+        key = (H, n, d, like.device, like.dtype)
+        mask = self._mask_cache.get(key)
+        if mask is None:
+            mask = torch.block_diag(*[like.new_ones(n, d)] * H)
+            self._mask_cache = {key: mask}
+        return mask
+
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         """Project, attend through the agents, add the DWC term and project out.
 
@@ -362,21 +519,25 @@ class AgentAttention(nn.Module):
             hw: The token grid (h, w).
         """
         B, N, C = x.shape
-        kv_hw = None
-        if self.qkv_layout == 'qkv':
+        if self.qkv_layout == 'none':
+            raise RuntimeError("AgentAttention(qkv_layout='none') takes projected tokens: call forward_qkv or attend")
+        x_kv, kv_hw = x, None
+        if self.sr_ratio > 1:
+            if self.num_prefix_tokens:
+                raise ValueError('AgentAttention: spatial reduction does not support prefix tokens')
+            x_ = self.sr(x.transpose(1, 2).reshape(B, C, *hw))
+            kv_hw = tuple(x_.shape[-2:])
+            x_kv = self.norm(x_.flatten(2).transpose(1, 2))
+        if self.use_factored():
+            wq, bq, wk, _, wv, bv = self.split_weights()
+            x = self._forward_factored(x, x_kv, hw, kv_hw, wq, bq, wk, wv, bv)
+        elif self.qkv_layout == 'qkv':
             q, k, v = self.qkv(x).reshape(B, N, 3, C).unbind(2)
-        elif self.qkv_layout == 'q_kv':
-            q = self.q(x)
-            if self.sr_ratio > 1:
-                if self.num_prefix_tokens:
-                    raise ValueError('AgentAttention: spatial reduction does not support prefix tokens')
-                x_ = self.sr(x.transpose(1, 2).reshape(B, C, *hw))
-                kv_hw = tuple(x_.shape[-2:])
-                x = self.norm(x_.flatten(2).transpose(1, 2))
-            k, v = self.kv(x).reshape(B, -1, 2, C).unbind(2)
+            x = self.forward_qkv(q, k, v, hw, kv_hw)
         else:
-            raise RuntimeError("AgentAttention(qkv_layout='none') takes projected tokens: call forward_qkv")
-        x = self.forward_qkv(q, k, v, hw, kv_hw)
+            q = self.q(x)
+            k, v = self.kv(x_kv).reshape(B, -1, 2, C).unbind(2)
+            x = self.forward_qkv(q, k, v, hw, kv_hw)
         if self.proj is not None:
             x = self.proj_drop(self.proj(x))
         return x

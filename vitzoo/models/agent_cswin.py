@@ -48,7 +48,7 @@ from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from vitzoo.layers.agent_attention import AgentAttention, resize_bias_1d
+from vitzoo.layers.agent_attention import AgentAttention, resize_bias_1d, split_qkv
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
 from ._helpers import check_state_dict, unwrap_state_dict
 
@@ -259,6 +259,12 @@ class CSWinBlock(nn.Module):
         """(B, H, W, C) -> (B, H, W, C)."""
         B, H, W, C = x.shape
         x = x.reshape(B, H * W, C)
+        if self.is_agent and self.attns[0].use_factored():
+            # the agent core projects only what it needs from the normalised tokens (see AgentAttention)
+            y = self.attns[0].attend(self.norm1(x), (H, W), split_qkv(self.qkv.weight, self.qkv.bias))
+            x = x + self.drop_path1(self.proj_drop(self.proj(y)))
+            x = x + self.drop_path2(self.mlp(self.norm2(x)))
+            return x.reshape(B, H, W, C)
         q, k, v = self.qkv(self.norm1(x)).reshape(B, H * W, 3, C).unbind(2)
         if len(self.attns) == 2:
             c = C // 2
