@@ -216,3 +216,23 @@ def test_single_item_batch_uses_gemm_aggregation_and_matches():
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(y_mixed, y_explicit, atol=1e-5, rtol=1e-5)
+
+
+def test_inference_mlp_runs_gelu_in_place_with_identical_results():
+    from timm.layers import Mlp as TimmMlp
+
+    from vitzoo.models._helpers import Mlp
+    ours, ref = Mlp(16, 64), TimmMlp(16, 64)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 10, 16)
+    seen = {}
+    ours.fc1.register_forward_hook(lambda m, i, o: seen.update(fc1=o.data_ptr()))
+    ours.fc2.register_forward_pre_hook(lambda m, i: seen.update(fc2=i[0].data_ptr()))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), ref.eval()(x), rtol=0, atol=0)
+    assert seen['fc1'] == seen['fc2'], 'no-grad inference must reuse the hidden tensor'
+    # with autograd recording it is timm's forward (and gradients flow)
+    y = ours(x)
+    assert seen['fc1'] != seen['fc2']
+    y.sum().backward()
+    assert ours.fc1.weight.grad is not None

@@ -36,13 +36,13 @@ import torch.nn.functional as F
 from torch.jit import Final
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_, use_fused_attn
+from timm.layers import DropPath, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from vitzoo.layers.agent_attention import AgentAttention, resize_bias_1d
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
-from ._helpers import check_state_dict, unwrap_state_dict
+from ._helpers import Mlp, check_state_dict, unwrap_state_dict
 
 __all__ = ['AgentPVT']
 
