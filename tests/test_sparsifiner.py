@@ -8,11 +8,12 @@ import torch
 
 import vitzoo  # noqa: F401
 from vitzoo.data.shapes import render_sample
-from vitzoo.layers.sparse_attention import attention_budget, mask_from_indices, resize_token_projection
+from vitzoo.layers.sparse_attention import (
+    ConnectivityPredictor, attention_budget, mask_from_indices, resize_token_projection, topk_nonneg)
 from vitzoo.losses.sparsifiner import (
     SparsifinerLoss, attn_recon_loss, cls_distill_loss, distill_loss, teacher_outputs, token_distill_loss)
 from vitzoo.models import CheckpointError
-from vitzoo.models.sparsifiner import sparsifiner_flops
+from vitzoo.models.sparsifiner import TOKEN_SPARSE_KWARGS, sparsifiner_flops
 from vitzoo.utils import count_macs, count_params, explicit_attention
 
 from conftest import load_parity, parity_input
@@ -189,6 +190,46 @@ def test_budget_and_mask_helpers():
     idx = torch.tensor([[[[0, 2], [1, 2]]]])  # B=1, H=1, 2 predicted rows
     mask = mask_from_indices(idx, 3)
     assert mask.tolist() == [[[[True, True, True], [True, False, True], [False, True, True]]]]
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_topk_nonneg_is_torch_topk(dtype):
+    """The integer-view selection returns exactly torch.topk's values and indices, ties and zeros included."""
+    torch.manual_seed(0)
+    x = torch.rand(3, 4, 50, 61).mul(20).round().div(20).to(dtype)  # few distinct values: many exact ties
+    x[x < 0.3] = 0.
+    x.requires_grad_(dtype.is_floating_point)
+    val, idx = topk_nonneg(x, 17)
+    ref_val, ref_idx = x.detach().topk(17, dim=-1, sorted=False)
+    assert val.dtype == dtype and not val.requires_grad
+    assert torch.equal(idx, ref_idx) and torch.equal(val, ref_val)
+
+
+def test_predictor_reads_q_k_in_place_with_the_original_order():
+    """The copy-free per-head linears give the original's coefficient logits (strided q / k of a fused qkv output),
+    for the shared projection and for per-image projections (token pruning)."""
+    torch.manual_seed(0)
+    pred = ConnectivityPredictor(16, 3, grid_size=(4, 4), rank=5)
+    with torch.no_grad():
+        pred.proj_c_q.bias.normal_(0, 0.1)
+        pred.proj_c_k.bias.normal_(0, 0.1)
+    q, k, _ = torch.randn(2, 17, 3, 3, 16).permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous()
+    for p_down in (pred.proj_n, torch.randn(2, 1, 17, 5)):
+        direct = pred.proj_c_q(q[:, :, 1:].contiguous()) @ (pred.proj_c_k(k.contiguous()).transpose(-2, -1) @ p_down)
+        logits = pred.coef_logits(q, k, p_down)
+        assert logits.shape == (2, 3, 16, 5)
+        torch.testing.assert_close(logits, direct * pred.scale, rtol=0, atol=1e-6)
+
+
+def test_token_sparse_reference_config():
+    """TOKEN_SPARSE_KWARGS: pruning after blocks 3, 6, 9 keeping ceil(0.7^j * 196) patch tokens."""
+    model = timm.create_model('sparsifiner_deit_small', num_classes=10, embed_dim=32, depth=12, num_heads=2,
+                              **TOKEN_SPARSE_KWARGS).eval()
+    with torch.no_grad():
+        out = model.forward_dict(torch.randn(1, 3, 224, 224))
+    kept = [196 if t is None else t.shape[1] for t in out['layer_token_idx']]
+    assert kept == [196] * 4 + [math.ceil(0.7 * 196)] * 3 + [math.ceil(0.49 * 196)] * 3 + [math.ceil(0.343 * 196)] * 2
 
 
 def test_train_mode_gradients_straight_through(ref, official_file):

@@ -11,7 +11,9 @@ Suites (``--suite``, several allowed):
               The official code is not part of vitzoo: point ``--official-dir`` at a checkout of
               LeapLabTHU/Agent-Attention (``git clone https://github.com/LeapLabTHU/Agent-Attention``); without it only
               the timm baselines are measured.
-  sparsifiner Sparsifiner latency vs timm deit_small_patch16_224, and its analytic MHSA FLOPs (kept entries only).
+  sparsifiner Sparsifiner-DeiT-S latency vs timm deit_small_patch16_224 (sparse attention, the original's masked-dense
+              attention emulated, dense and token-sparse modes), analytic FLOPs / MHSA reduction (kept entries only),
+              and a per-op profile of one forward of each (where the sparse model's extra time goes).
 
 Every timing is the median of ``--repeats`` interleaved measurements, so the ratios printed are robust to a noisy
 machine. Results are printed as tables and written to ``<output>/benchmark.json`` (and one CSV per table).
@@ -24,6 +26,7 @@ import argparse
 import csv
 import importlib
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -225,6 +228,11 @@ def suite_agent(args, results: Dict) -> None:
                 row['speed_vs_timm'] = round(t['timm'] / t['ours'], 2)
             rows.append(row)
             del ours
+        # latency growth with the token count N (16x from 224² to 896²): t ~ N^e per image, e <= 1 is linear
+        small, large = rows[-2], rows[-1]
+        for key in ('ours_ms', 'official_ms'):
+            if key in small:
+                large[key.replace('_ms', '_n_exp')] = round(math.log(large[key] / small[key]) / math.log(16.0), 2)
     results['agent_models'] = rows
     print_table('whole models, ms per image (speedup = baseline time / ours)', rows, args.out)
 
@@ -272,29 +280,145 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f'{field} not in /proc/self/status')
 
 
-def suite_sparsifiner(args, results: Dict) -> None:
-    mod = importlib.import_module('vitzoo.models.sparsifiner')
+def _official_style_predictor(pred, q, k):
+    """The official MaskPredictor's eval computation order on a vitzoo ``ConnectivityPredictor`` (224², no pruning):
+    per-head linears on copies of q / k, k_down, scaled logits, softmax, top-k coefficients scattered into zeros."""
+    npt = pred.num_prefix_tokens
+    qc, kc = pred.proj_c_q(q[:, :, npt:]), pred.proj_c_k(k)
+    coef = ((qc @ (kc.transpose(-2, -1) @ pred.proj_n)) * pred.scale).softmax(dim=-1)
+    val, ind = coef.topk(pred.basis_topk, dim=-1, sorted=False)
+    coef = torch.zeros_like(coef).scatter_(-1, ind, val)
+    return coef @ torch.nn.functional.threshold(pred.proj_back_n.t().abs(), pred.basis_threshold, 0.)
+
+
+def _official_style_attention(self, x, grid, token_idx=None, return_attn=False, need_cls_attn=False):
+    """The official Sparsifiner attention's cost structure on a vitzoo ``SparseAttention`` (eval, measurement only).
+
+    The original's predictor order, ``torch.topk`` on the float scores, then what the original does with the kept
+    indices: a float 0/1 mask scattered into zeros plus a concatenated dense class-token row, the full logits, an
+    unmasked softmax (always computed there, for a disabled loss), ``masked_fill(mask == 0, -inf)``, softmax and
+    ``nan_to_num``. Outputs equal the vitzoo forward up to fp32 rounding (masks equal barring exact fp32 near-ties).
+    """
+    B, N, C = x.shape
+    npt = self.num_prefix_tokens
+    q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    approx = _official_style_predictor(self.mask_predictor, q, k)
+    idx = approx.topk(self.budget(grid, N), dim=-1, sorted=False)[1]
+    mask = torch.zeros_like(approx).scatter_(-1, idx, 1.)
+    mask = torch.cat([torch.ones_like(mask[:, :, :npt]), mask], dim=2)
+    logits = (q @ k.transpose(-2, -1)) * self.scale
+    _unmasked = logits.softmax(dim=-1)  # noqa: F841  (the original always computes it)
+    attn = logits.masked_fill(mask == 0, float('-inf')).softmax(dim=-1).nan_to_num()
+    out = {'approx': approx, 'idx': idx}
+    if need_cls_attn:
+        out['cls_attn'] = attn[:, :, 0, npt:]
+    x = (attn @ v).transpose(1, 2).reshape(B, N, C)
+    return self.proj(x), out
+
+
+def _op_table(fns: Dict[str, Callable[[], object]], repeats: int, base: str) -> List[Dict]:
+    """Per-op self CPU time (ms per call of each fn) from torch.profiler, profiles interleaved across ``repeats``.
+
+    One column per fn plus, for the others, the difference to ``base`` and that difference as a percentage of
+    ``base``'s total (so the rows of one fn add up to its latency overhead). Largest first, ops under 0.5% dropped.
+    """
+    from torch.profiler import ProfilerActivity, profile
+    per: Dict[str, Dict[str, List[float]]] = {name: {} for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            for e in prof.key_averages():
+                acc = per[name].setdefault(e.key, [0., 0.])
+                acc[0] += e.self_cpu_time_total / repeats / 1e3
+                acc[1] += e.count / repeats
+    total = {name: sum(v[0] for v in d.values()) for name, d in per.items()}
+    ops = sorted({o for d in per.values() for o in d}, key=lambda o: -max(d.get(o, [0.])[0] for d in per.values()))
     rows = []
-    x = torch.randn(args.batch_size, 3, 224, 224)
-    dense = timm.create_model('deit_small_patch16_224').eval()
-    cands = {'deit_small_patch16_224': dense}
-    for name in list_models('sparsifiner_deit_small*'):
-        cands[name] = timm.create_model(name).eval()
-    if hasattr(mod, 'sparsifiner_deit_small'):
-        cands['sparsifiner_deit_small (token-sparse)'] = timm.create_model(
-            'sparsifiner_deit_small', **getattr(mod, 'TOKEN_SPARSE_KWARGS', {})).eval()
-    with torch.no_grad():
-        t = time_interleaved({k: (lambda m=m: m(x)) for k, m in cands.items()}, repeats=args.repeats)
-    flops_fn = getattr(mod, 'sparsifiner_flops', None)
-    for k, m in cands.items():
-        row = dict(model=k, ms_per_img=round(t[k] / args.batch_size * 1e3, 2),
-                   latency_vs_deit_s=round(t[k] / t['deit_small_patch16_224'], 2))
-        if flops_fn is not None and k != 'deit_small_patch16_224':
-            f = flops_fn(m, (3, 224, 224))
-            row.update({kk: (round(v / 1e9, 3) if isinstance(v, (int, float)) else v) for kk, v in f.items()})
+    for o in ops + ['TOTAL']:
+        vals = {n: (total[n] if o == 'TOTAL' else d.get(o, [0., 0.])[0]) for n, d in per.items()}
+        if o != 'TOTAL' and max(abs(v - vals[base]) for v in vals.values()) < 0.005 * total[base] \
+                and vals[base] < 0.005 * total[base]:
+            continue
+        row = dict(op=o)
+        for n, v in vals.items():
+            row[f'{n}_ms'] = round(v, 1)
+            if n != base:
+                row[f'{n}_delta_pct_of_{base}'] = round(100 * (v - vals[base]) / total[base], 1)
+            if o != 'TOTAL':
+                row[f'{n}_calls'] = int(round(per[n].get(o, [0., 0.])[1]))
         rows.append(row)
-    results['sparsifiner'] = rows
-    print_table('sparsifiner vs dense DeiT-S (CPU, fp32, batch %d, 224)' % args.batch_size, rows, args.out)
+    return rows
+
+
+def suite_sparsifiner(args, results: Dict) -> None:
+    """Sparsifiner-DeiT-S vs timm DeiT-S: whole models (medians of interleaved per-repeat ratios), then op by op.
+
+    Rows: the dense timm baseline; vitzoo's sparse attention (keep 0.25, the released config); the same weights with
+    the original's masked-dense attention emulated; Sparsifiner with ``attn_keep_rate=1`` (dense, i.e. DeiT-S run
+    through vitzoo: the framework overhead); the token-sparse mode at the reference rate 0.7 (``TOKEN_SPARSE_KWARGS``)
+    and at 0.5. The analytic FLOPs columns follow the paper's accounting (``sparsifiner_flops``).
+    """
+    import types
+    mod = importlib.import_module('vitzoo.models.sparsifiner')
+    from vitzoo.layers.sparse_attention import SparseAttention
+    bs = args.batch_size
+    x = torch.randn(bs, 3, 224, 224)
+    torch.manual_seed(0)
+    sparse = timm.create_model('sparsifiner_deit_small').eval()
+    original = timm.create_model('sparsifiner_deit_small').eval()
+    original.load_state_dict(sparse.state_dict())
+    for m in original.modules():
+        if isinstance(m, SparseAttention):
+            m.forward = types.MethodType(_official_style_attention, m)
+    tok = getattr(mod, 'TOKEN_SPARSE_KWARGS', dict(token_keep_rate=0.7, token_pruning_loc=(3, 6, 9)))
+    cands = {
+        'deit_small_patch16_224 (timm, dense)': timm.create_model('deit_small_patch16_224').eval(),
+        'sparsifiner_deit_small (vitzoo, keep 0.25)': sparse,
+        'sparsifiner_deit_small, original-style attention': original,
+        'sparsifiner_deit_small attn_keep_rate=1 (dense)': timm.create_model(
+            'sparsifiner_deit_small', attn_keep_rate=1.0).eval(),
+        f"token-sparse r={tok['token_keep_rate']} (TOKEN_SPARSE_KWARGS)": timm.create_model(
+            'sparsifiner_deit_small', **tok).eval(),
+        'token-sparse r=0.5': timm.create_model('sparsifiner_deit_small', **dict(tok, token_keep_rate=0.5)).eval(),
+    }
+    base = next(iter(cands))
+    with torch.no_grad():
+        y_sparse, y_orig = sparse(x), original(x)
+        for m in cands.values():  # warm up
+            m(x)
+        times: Dict[str, List[float]] = {k: [] for k in cands}
+        for _ in range(args.repeats):
+            for k, m in cands.items():
+                t = time.perf_counter()
+                m(x)
+                times[k].append(time.perf_counter() - t)
+    rows = []
+    for k, m in cands.items():
+        ratios = [a / b for a, b in zip(times[k], times[base])]
+        row = dict(model=k, ms_per_img=round(statistics.median(times[k]) / bs * 1e3, 2),
+                   latency_vs_deit_s=round(statistics.median(ratios), 3))
+        if k != base:
+            f = mod.sparsifiner_flops(m, (3, 224, 224))
+            row.update(gmacs=round(f['total'] / 1e9, 3), mhsa_reduction=round(f['mhsa_reduction'], 3))
+        else:
+            row.update(gmacs=round(count_macs(m) / 1e9, 3))
+        rows.append(row)
+    diff = float((y_sparse - y_orig).abs().max())
+    reduction = mod.sparsifiner_flops(sparse)['mhsa_reduction']
+    results['sparsifiner'] = dict(models=rows, original_style_max_abs_diff=diff, mhsa_flops_reduction_keep_0_25=reduction)
+    print_table('sparsifiner vs dense DeiT-S (CPU, fp32, eval, batch %d, 224, %d threads, median of %d interleaved '
+                'ratios)' % (bs, torch.get_num_threads(), args.repeats), rows, args.out)
+    print(f'MHSA FLOPs reduction at keep 0.25: {reduction:.1%} (analytic); original-style vs vitzoo logits max |diff| '
+          f'{diff:.1e}')
+
+    # op by op: where the sparse model's extra time goes (whole forwards, profiles interleaved)
+    with torch.no_grad():
+        ops = _op_table({'deit_s': lambda: cands[base](x), 'sparsifiner': lambda: sparse(x)},
+                        max(2, args.repeats // 2), base='deit_s')
+    results['sparsifiner_ops'] = ops
+    print_table('self CPU time per op, one forward (batch %d, 224): timm DeiT-S vs sparsifiner_deit_small' % bs, ops,
+                args.out)
 
 
 SUITES = {'models': suite_models, 'agent': suite_agent, 'sparsifiner': suite_sparsifiner}
