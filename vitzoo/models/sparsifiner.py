@@ -62,13 +62,13 @@ import torch
 import torch.nn as nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_, use_fused_attn
+from timm.layers import DropPath, PatchEmbed, resample_abs_pos_embed, trunc_normal_, use_fused_attn
 from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from vitzoo.layers.sparse_attention import SparseAttention, mask_from_indices, resize_token_projection
 from vitzoo.weights import build_model_with_cfg
-from ._helpers import CheckpointError, check_state_dict, embed_patches, unwrap_state_dict
+from ._helpers import CheckpointError, Mlp, check_state_dict, embed_patches, unwrap_state_dict
 
 __all__ = ['SparsifinerVisionTransformer', 'sparsifiner_flops', 'TOKEN_SPARSE_KWARGS']
 
