@@ -39,7 +39,7 @@ import torch
 __all__ = ['TokenMerge', 'grid_partition', 'bipartite_soft_matching_2d', 'downsample_factor']
 
 _PARTITION_CACHE: Dict[tuple, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-_SCORE_CHUNK_BYTES = 1 << 21
+_SCORE_CHUNK_BYTES = 1 << 22
 
 
 def _partition(
@@ -289,8 +289,8 @@ def _match(metric: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> Tuple[
     d_t = (metric.index_select(1, dst) / norm.index_select(1, dst).unsqueeze(-1)).transpose(-1, -2)
     # The cosine argmax over dst does not depend on the src norm: score every token against the normalised dst, take
     # the row maxima, then divide them by the src norms (no normalised N x C copy, no gathered src copy). The scores
-    # are made in row chunks of ~2 MB (cache resident, one reused buffer) instead of one N x Nd matrix (64 MB for a
-    # 128 x 128 SD latent).
+    # are made in row chunks of ~4 MB (one reused buffer) instead of one N x Nd matrix (64 MB for a 128 x 128 SD
+    # latent); measured on CPU: 4-8 MB chunks ~10% faster than 2 MB, the whole matrix ~40% slower.
     chunk = max(256, _SCORE_CHUNK_BYTES // (metric.element_size() * dst.numel() * B))
     if chunk >= N:
         best, best_idx = (metric @ d_t).max(dim=-1)
