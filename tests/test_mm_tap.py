@@ -8,7 +8,7 @@ import os.path as osp
 import pytest
 import torch
 
-mmengine = pytest.importorskip('mmengine')  # noqa: F841  (an optional extra: the tests need it installed)
+import mmengine  # noqa: E402,F401  (the det/seg extras are part of `make test`: a missing install must fail, not skip)
 
 import timm  # noqa: E402
 from mmengine.config import Config  # noqa: E402

@@ -294,10 +294,10 @@ class _AgentBackbone(_TimmBackbone):
         return {}
 
     def _stages(self) -> nn.Sequential:
-        raise NotImplementedError
+        raise NotImplementedError(f'{type(self).__name__} must define _stages() (the family\'s stage modules)')
 
     def _stem(self) -> nn.Module:
-        raise NotImplementedError
+        raise NotImplementedError(f'{type(self).__name__} must define _stem() (the family\'s patch embedding)')
 
     def _adapt_dense(self) -> None:
         pass
