@@ -293,11 +293,15 @@ class _AgentBackbone(_TimmBackbone):
     def _model_defaults(self) -> Dict[str, Any]:
         return {}
 
+    # where the family's timm model keeps its stage list and its patch embedding (``get_submodule`` paths)
+    _stages_path = 'stages'
+    _stem_path = 'patch_embed'
+
     def _stages(self) -> nn.Sequential:
-        raise NotImplementedError(f'{type(self).__name__} must define _stages() (the family\'s stage modules)')
+        return self.model.get_submodule(self._stages_path)
 
     def _stem(self) -> nn.Module:
-        raise NotImplementedError(f'{type(self).__name__} must define _stem() (the family\'s patch embedding)')
+        return self.model.get_submodule(self._stem_path)
 
     def _adapt_dense(self) -> None:
         pass
@@ -382,12 +386,7 @@ class AgentPVT(_AgentBackbone):
     _filter_fn = staticmethod(agent_pvt.checkpoint_filter_fn)
     _default_model = 'agent_pvt_tiny'
     _pad_input = False
-
-    def _stages(self) -> nn.Sequential:
-        return self.model.stages
-
-    def _stem(self) -> nn.Module:
-        return self.model.stages[0].patch_embed
+    _stem_path = 'stages.0.patch_embed'
 
     def _stem_params(self) -> List[nn.Parameter]:
         return [self.model.stages[0].pos_embed]
@@ -404,12 +403,7 @@ class AgentSwinTransformer(_AgentBackbone):
     _filter_fn = staticmethod(agent_swin.checkpoint_filter_fn)
     _default_model = 'agent_swin_tiny'
     _default_out_norms = True
-
-    def _stages(self) -> nn.Sequential:
-        return self.model.layers
-
-    def _stem(self) -> nn.Module:
-        return self.model.patch_embed
+    _stages_path = 'layers'
 
     def _adapt_dense(self) -> None:
         # The official downstream Swin shifts every odd window block, also where the classification model (built at
@@ -435,12 +429,6 @@ class AgentCSwin(_AgentBackbone):
 
     def _model_defaults(self) -> Dict[str, Any]:
         return dict(la_split_size=None)
-
-    def _stages(self) -> nn.Sequential:
-        return self.model.stages
-
-    def _stem(self) -> nn.Module:
-        return self.model.patch_embed
 
 
 

@@ -279,13 +279,16 @@ class AgentAttention(nn.Module):
         kh, kw = kv_hw
         b1 = F.interpolate(an, size=(kh, kw), mode='bilinear', align_corners=False).reshape(1, heads, n, kh * kw)
         b1 = b1 + (resize_bias_1d(ah, kh, 3) + resize_bias_1d(aw, kw, 4)).reshape(1, heads, n, kh * kw)
+        # B2 is built agents-major (1, H, n, P + N), the layout of the interpolated block bias
         b2 = F.interpolate(na, size=(h, w), mode='bilinear', align_corners=False).reshape(1, heads, n, h * w)
-        b2 = b2.transpose(-1, -2) + (resize_bias_1d(ha, h, 2) + resize_bias_1d(wa, w, 3)).reshape(1, heads, h * w, n)
+        b2 = b2 + (resize_bias_1d(ha, h, 2) + resize_bias_1d(wa, w, 3)).reshape(1, heads, h * w, n).transpose(-1, -2)
         if ac is not None:
             b1 = torch.cat([ac, b1], dim=-1)
-            b2 = torch.cat([ca, b2], dim=-2)
+            b2 = torch.cat([ca.transpose(-1, -2), b2], dim=-1)
         if agents_major:
-            b2 = b2.transpose(-1, -2).reshape(1, -1, b2.shape[2])
+            b2 = b2.reshape(1, heads * n, -1)
+        else:
+            b2 = b2.transpose(-1, -2).contiguous()
         return b1.to(dtype), b2.to(dtype)
 
     def get_biases(
@@ -332,6 +335,23 @@ class AgentAttention(nn.Module):
         self._bias_cache = {}
         return super()._apply(fn, *args, **kwargs)
 
+    def _check_tokens(
+            self,
+            n_q: int,
+            n_k: int,
+            hw: Tuple[int, int],
+            kv_hw: Optional[Tuple[int, int]],
+    ) -> Tuple[int, int]:
+        """The key grid; a ValueError naming both counts when the tokens do not fit the grids."""
+        P = self.num_prefix_tokens
+        h, w = hw
+        kh, kw = (h, w) if kv_hw is None else kv_hw
+        if n_q != P + h * w or n_k != P + kh * kw:
+            raise ValueError(
+                f'AgentAttention: got {n_q} query / {n_k} key tokens, expected {P} prefix + {h}x{w} grid '
+                f'and {P} prefix + {kh}x{kw} grid')
+        return kh, kw
+
     def forward_qkv(
             self,
             q: torch.Tensor,
@@ -355,11 +375,7 @@ class AgentAttention(nn.Module):
         B, N, C = q.shape
         P = self.num_prefix_tokens
         h, w = hw
-        kh, kw = (h, w) if kv_hw is None else kv_hw
-        if N != P + h * w or k.shape[1] != P + kh * kw:
-            raise ValueError(
-                f'AgentAttention: got {N} query / {k.shape[1]} key tokens, expected {P} prefix + {h}x{w} grid '
-                f'and {P} prefix + {kh}x{kw} grid')
+        kh, kw = self._check_tokens(N, k.shape[1], hw, kv_hw)
         H, d = self.num_heads, self.head_dim
         ph, pw = self.agent_hw
         # Tokens viewed as channels-last (B, C, h, w) maps: pooling and the DWC need no transposed copies.
@@ -451,12 +467,8 @@ class AgentAttention(nn.Module):
         B, N, C = x.shape
         P = self.num_prefix_tokens
         h, w = hw
-        kh, kw = (h, w) if kv_hw is None else kv_hw
         Nk = x_kv.shape[1]
-        if N != P + h * w or Nk != P + kh * kw:
-            raise ValueError(
-                f'AgentAttention: got {N} query / {Nk} key tokens, expected {P} prefix + {h}x{w} grid '
-                f'and {P} prefix + {kh}x{kw} grid')
+        kh, kw = self._check_tokens(N, Nk, hw, kv_hw)
         H, d, s = self.num_heads, self.head_dim, self.scale
         ph, pw = self.agent_hw
         n = ph * pw
@@ -529,8 +541,7 @@ class AgentAttention(nn.Module):
             kv_hw = tuple(x_.shape[-2:])
             x_kv = self.norm(x_.flatten(2).transpose(1, 2))
         if self.use_factored():
-            wq, bq, wk, _, wv, bv = self.split_weights()
-            x = self._forward_factored(x, x_kv, hw, kv_hw, wq, bq, wk, wv, bv)
+            x = self.attend(x, hw, self.split_weights(), x_kv, kv_hw)
         elif self.qkv_layout == 'qkv':
             q, k, v = self.qkv(x).reshape(B, N, 3, C).unbind(2)
             x = self.forward_qkv(q, k, v, hw, kv_hw)
