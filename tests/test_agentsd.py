@@ -11,6 +11,7 @@ import torch
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
 
 from vitzoo.layers.token_merging import bipartite_soft_matching_2d, grid_partition  # noqa: E402
+from vitzoo.layers.workspace import Workspace  # noqa: E402
 
 from conftest import load_parity, parity_input  # noqa: E402
 
@@ -275,6 +276,39 @@ def test_parity_official_attention(fused):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in attn.parameters())
 
 
+def test_workspace_reuse_is_exact():
+    torch.manual_seed(0)
+    attn = Attention(query_dim=64, heads=4, dim_head=16, bias=True, out_bias=True).eval()
+    ws, cache = Workspace(), {}
+    ptrs = None
+    for agent_ratio in (0.8, 0.8, 0.0):  # agents twice (slots reused), then the tomesd-equivalent mode
+        x = torch.randn(2, 256, 64)
+        tm = bipartite_soft_matching_2d(x, (16, 16), 2, 2, int(256 * 0.4), int(256 * agent_ratio))
+        assert tm.has_agents == (agent_ratio > 0)
+        with torch.no_grad():
+            ref = agentsd_self_attention(attn, x, tm)
+            out = agentsd_self_attention(attn, x, tm, cache=cache, workspace=ws)
+        assert torch.equal(out, ref)
+        slots = {k: t.data_ptr() for k, t in ws._buffers.items()}
+        assert {'merge.sums', 'merge.added', 'attn.qkv', 'attn.proj'} <= set(slots)
+        assert out.data_ptr() not in slots.values()  # the result never aliases a slot
+        if ptrs is not None and tm.has_agents:
+            assert slots == ptrs  # same shapes: the same memory, no new allocation
+        ptrs = slots
+    # with autograd on nothing goes through the workspace (saved tensors must not be overwritten)
+    fresh = Workspace()
+    out = agentsd_self_attention(attn, x, tm, workspace=fresh)
+    out.sum().backward()
+    assert fresh.nbytes == 0 and attn.to_q.weight.grad is not None
+    # slots follow shape changes; non-CPU tensors are never kept (their allocators cache already)
+    a = ws.get('t', (3, 4), x)
+    assert ws.get('t', (3, 4), x) is a and ws.get('t', (5,), x).shape == (5,)
+    meta = torch.empty(0, device='meta')
+    assert ws.get('m', (2,), meta) is not ws.get('m', (2,), meta) and 'm' not in ws._buffers
+    ws.clear()
+    assert ws.nbytes == 0
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # patching pipelines
 
@@ -292,7 +326,11 @@ def test_sd_apply_generate_remove_bit_identical(sd_pipe):
     info = patch_info(sd_pipe)
     apply_patch(sd_pipe, seed=0, ratio=0.3)  # re-applying replaces the settings
     assert len(_processors(sd_pipe)) == 4
+    state = sd_pipe.unet._agentsd_state
+    generate(sd_pipe, num_images=1)
+    assert state.workspace.nbytes > 0  # the processors' shared scratch tensors ...
     remove_patch(sd_pipe)
+    assert state.workspace.nbytes == 0  # ... are freed by remove_patch
     assert not is_patched(sd_pipe)
     assert all(sd_pipe.unet.attn_processors[k] is v for k, v in before.items())
     assert torch.equal(generate(sd_pipe, num_images=2), base)

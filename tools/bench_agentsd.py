@@ -125,6 +125,7 @@ def bench_attention(args: argparse.Namespace) -> List[dict]:
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
     from vitzoo.diffusers import agentsd_self_attention
     from vitzoo.layers.token_merging import bipartite_soft_matching_2d
+    from vitzoo.layers.workspace import Workspace
 
     torch.manual_seed(args.seed)
     attn = Attention(query_dim=320, heads=8, dim_head=40, bias=False, out_bias=True).to(args.device).eval()
@@ -139,11 +140,12 @@ def bench_attention(args: argparse.Namespace) -> List[dict]:
 
         def agentsd(agent_ratio):
             cache = {}  # what AgentSDAttnProcessor keeps per attention: the concatenated q/k/v weight
+            workspace = Workspace()  # ... and what the processors of one patch share: reused scratch tensors
 
             def run():
                 tm = bipartite_soft_matching_2d(metric, (side, side), EARLY['sx'], EARLY['sy'], int(n * EARLY['ratio']),
                                                 int(n * agent_ratio), generator=use_gen)
-                return agentsd_self_attention(attn, x, tm, cache=cache)
+                return agentsd_self_attention(attn, x, tm, cache=cache, workspace=workspace)
             return run
 
         fns = {'default': lambda: attn(x), 'agentsd': agentsd(EARLY['agent_ratio']), 'tome': agentsd(0.0)}

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 
 from vitzoo.layers.agent_attention import agent_attention
 from vitzoo.layers.token_merging import TokenMerge, bipartite_soft_matching_2d, downsample_factor
+from vitzoo.layers.workspace import Workspace
 
 try:  # diffusers >= 0.27: a PipelineCallback subclass also works inside MultiPipelineCallbacks
     from diffusers.callbacks import PipelineCallback as _CallbackBase
@@ -137,6 +138,7 @@ def _agent_core(
         scale: float,
         k_shortcut: float,
         fused: bool,
+        workspace: Optional[Workspace] = None,
 ) -> torch.Tensor:
     """``agent_attention`` on queries already multiplied by ``s ** (k_scale2 - 1)``, plus ``k_shortcut · V``."""
     bias = None if fused else q_scaled.new_zeros(())  # AgentSD has no agent biases (training-free)
@@ -145,7 +147,8 @@ def _agent_core(
         return out + k_shortcut * v
     # token-major result: the caller's merge of the heads is then a free view
     B, H, M, d = out.shape
-    return torch.add(out, v, alpha=k_shortcut, out=out.new_empty(B, M, H, d).transpose(1, 2))
+    res = out.new_empty(B, M, H, d) if workspace is None else workspace.get('attn.heads', (B, M, H, d), out)
+    return torch.add(out, v, alpha=k_shortcut, out=res.transpose(1, 2))
 
 
 def _softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, fused: bool) -> torch.Tensor:
@@ -190,6 +193,7 @@ def _project_qkv(
         q_mult: float,
         compute_dtype: torch.dtype,
         cache: Optional[dict],
+        workspace: Optional[Workspace] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """Head-split (B, H, M, d) views of q, k, v, q optionally pre-multiplied; the last item says whether it was."""
     B, M, _ = x.shape
@@ -203,7 +207,8 @@ def _project_qkv(
         # head-major: SDPA's CPU kernel is ~10% faster on contiguous (M, d) rows than on the strided head views of a
         # token-major (M, 3C) projection, and the layout costs nothing here (a copy to it would cost more than it saves).
         w, b = _fused_qkv_weight(attn, q_mult, cache)
-        qkv = x.new_empty(B, w.shape[0], M, w.shape[-1])
+        shape = (B, w.shape[0], M, w.shape[-1])
+        qkv = x.new_empty(shape) if workspace is None else workspace.get('attn.qkv', shape, x)
         for i in range(B):
             torch.matmul(x[i:i + 1], w, out=qkv[i])
         if b is not None:
@@ -221,6 +226,19 @@ def _project_qkv(
     return q, k, v, False
 
 
+def _project_out(proj: nn.Module, x: torch.Tensor, workspace: Optional[Workspace]) -> torch.Tensor:
+    """``proj(x)``; a plain ``nn.Linear`` writes into the workspace (``addmm``, as ``F.linear`` computes it)."""
+    if workspace is None or not _plain_linear(proj) or _needs_grad(x, proj.weight):
+        return proj(x)
+    x2 = x.reshape(-1, x.shape[-1])
+    out = workspace.get('attn.proj', (x2.shape[0], proj.out_features), x2)
+    if proj.bias is None:
+        torch.mm(x2, proj.weight.t(), out=out)
+    else:
+        torch.addmm(proj.bias, x2, proj.weight.t(), out=out)
+    return out.view(*x.shape[:-1], proj.out_features)
+
+
 def agentsd_self_attention(
         attn: nn.Module,
         hidden_states: torch.Tensor,
@@ -230,6 +248,7 @@ def agentsd_self_attention(
         attn_precision: Optional[str] = None,
         fused: bool = True,
         cache: Optional[dict] = None,
+        workspace: Optional[Workspace] = None,
 ) -> torch.Tensor:
     """One AgentSD self-attention call of a diffusers ``Attention``: merge, attend (agents or plain), project, unmerge.
 
@@ -243,19 +262,23 @@ def agentsd_self_attention(
         attn_precision: ``'fp32'`` computes the attention (agent and plain) in fp32.
         fused: SDPA (True) or explicit softmax attention.
         cache: Optional dict for the concatenated q/k/v weight (the processor keeps one per attention).
+        workspace: Optional scratch tensors reused across calls (CPU, no-grad only; the processors of one patch share
+            one): the merged tokens, q/k/v, the head outputs and the merged output projection.
 
     Returns:
         (B, N, C) attention output (before the block's residual add).
     """
     B = hidden_states.shape[0]
     dtype = hidden_states.dtype
-    x, agent_tokens = token_merge.merge(hidden_states, with_agents=True)
+    if token_merge.is_identity or torch.is_grad_enabled():
+        workspace = None  # nothing may alias the returned tensor or a tensor saved for backward
+    x, agent_tokens = token_merge.merge(hidden_states, with_agents=True, workspace=workspace)
     # fp32 on request (SD 2.1) and, for half inputs, always on the explicit path (its softmax is materialised)
     upcast = attn_precision == 'fp32' or (not fused and dtype in _HALF)
     compute_dtype = torch.float32 if upcast else dtype
     scale = attn.scale
     q_mult = scale ** (k_scale2 - 1.0) if agent_tokens is not None else 1.0
-    q, k, v, premultiplied = _project_qkv(attn, x, q_mult, compute_dtype, cache)
+    q, k, v, premultiplied = _project_qkv(attn, x, q_mult, compute_dtype, cache, workspace)
     if agent_tokens is not None:
         a = attn.to_q(agent_tokens)
         heads, d = q.shape[1], q.shape[-1]
@@ -264,14 +287,13 @@ def agentsd_self_attention(
             a = attn.norm_q(a)
         a = a.to(compute_dtype)
         if premultiplied:
-            out = _agent_core(q, k, v, a, scale, k_shortcut, fused)
+            out = _agent_core(q, k, v, a, scale, k_shortcut, fused, workspace)
         else:
             out = agentsd_attention(q, k, v, a, scale, k_scale2, k_shortcut, fused=fused)
     else:
         out = _softmax_attention(q, k, v, scale, fused)
     out = out.transpose(1, 2).reshape(B, x.shape[1], -1).to(dtype)
-    out = attn.to_out[0](out)
-    out = attn.to_out[1](out)
+    out = attn.to_out[1](_project_out(attn.to_out[0], out, workspace))
     out = token_merge.unmerge(out)
     if getattr(attn, 'residual_connection', False):
         out = out + hidden_states
@@ -298,6 +320,9 @@ class _PatchState:
         self.hooks: List[Any] = []
         self.originals: List[Tuple[nn.Module, Any]] = []  # (attn1 module, its processor before the patch)
         self.processors: Dict[str, 'AgentSDAttnProcessor'] = {}
+        # scratch tensors of the patched calls, shared: the processors run one after another (~85 MB per image at a
+        # 128x128 latent, freed by remove_patch)
+        self.workspace = Workspace()
 
     def merge_generator(self) -> torch.Generator:
         if self.generator is None:
@@ -433,7 +458,8 @@ class AgentSDAttnProcessor:
                                  attention_mask=attention_mask, **kwargs)
         s = self._block.state.settings
         return agentsd_self_attention(attn, hidden_states, tm, k_scale2=s['k_scale2'], k_shortcut=s['k_shortcut'],
-                                      attn_precision=s['attn_precision'], fused=self.fused_attn, cache=self._cache)
+                                      attn_precision=s['attn_precision'], fused=self.fused_attn, cache=self._cache,
+                                      workspace=self._block.state.workspace)
 
     def __repr__(self) -> str:
         return f'AgentSDAttnProcessor(original={type(self.original).__name__}, fused_attn={self.fused_attn})'
@@ -674,6 +700,7 @@ def remove_patch(pipe_or_unet: Any) -> Any:
             else:
                 attn1.processor = original
     state.originals.clear()
+    state.workspace.clear()
     del unet.__dict__[_STATE_ATTR]
     return pipe_or_unet
 

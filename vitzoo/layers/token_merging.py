@@ -36,6 +36,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from .workspace import Workspace
+
 __all__ = ['TokenMerge', 'grid_partition', 'bipartite_soft_matching_2d', 'downsample_factor']
 
 _PARTITION_CACHE: Dict[tuple, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -197,12 +199,14 @@ class TokenMerge:
         """Batch size of the matching (``None`` for the identity merge, which accepts any batch)."""
         return None if self.is_identity else self._batch
 
-    def merge(self, x: torch.Tensor, with_agents: bool = False):
+    def merge(self, x: torch.Tensor, with_agents: bool = False, workspace: Optional[Workspace] = None):
         """Average the tokens of every merge group.
 
         Args:
             x: (B, N, C) tokens of the matched grid.
             with_agents: Also return the agent tokens.
+            workspace: Scratch slots for the row gathers (ignored when ``x`` needs a gradient). The merged tokens
+                then live in the workspace and are overwritten by its next merge.
 
         Returns:
             (B, N - r, C) merged tokens, or ``(merged, agents)`` with agents (B, N - agent_r, C) or ``None`` when
@@ -216,8 +220,14 @@ class TokenMerge:
         dtype = x.dtype
         acc = x.float() if dtype in (torch.float16, torch.bfloat16) else x
         flat = acc.reshape(B * N, C)
-        sums = flat.index_select(0, self._rep_flat).view(B, self.num_merged, C)
-        _accumulate(sums, self._rows, self._add_dst, flat.index_select(0, self._add_flat).view(B, self.r, C))
+        ws = workspace if not (torch.is_grad_enabled() and x.requires_grad) else None
+
+        def gather(name: str, index: torch.Tensor, rows: int) -> torch.Tensor:
+            out = None if ws is None else ws.get(name, (index.numel(), C), flat)
+            return torch.index_select(flat, 0, index, out=out).view(B, rows, C)
+
+        sums = gather('merge.sums', self._rep_flat, self.num_merged)
+        _accumulate(sums, self._rows, self._add_dst, gather('merge.added', self._add_flat, self.r))
         agents = None
         if with_agents and self.has_agents:
             nd, k = self.num_dst, self._k
