@@ -2,7 +2,7 @@
 """AgentSD speed on this machine: patched self-attention vs diffusers' default, a whole UNet step, and vs ToMe.
 
 Random weights with the real SD-1.5 UNet configuration (built from its config dict: nothing is downloaded), fp32, on
-the CPU unless ``--device`` says otherwise. Every measurement is repeated with the variants interleaved in
+the CPU unless ``--device`` / ``--dtype`` say otherwise. Every measurement is repeated with the variants interleaved in
 palindromic rounds (a linear drift of the machine load cancels) and the median is reported.
 
 On a shared machine, OpenMP threads measure the scheduler as much as the kernels: compare ``--threads 1`` (pure
@@ -23,6 +23,7 @@ Examples::
     python tools/bench_agentsd.py --skip-unet --attn-repeats 9 --threads 1
     python tools/bench_agentsd.py --omp-passive
     python tools/bench_agentsd.py --json bench.json --unet-repeats 1
+    python tools/bench_agentsd.py --device cuda --dtype fp16 --batch 2   # a GPU, one image with CFG
 """
 import argparse
 import json
@@ -55,6 +56,9 @@ SD15_UNET_CONFIG = {
 EARLY = dict(sx=4, sy=4, ratio=0.4, agent_ratio=0.95)
 
 
+DTYPES = {'fp32': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('Examples::')[0].strip(),
                                 epilog='examples:' + __doc__.split('Examples::')[1], formatter_class=_HelpFormatter)
@@ -68,6 +72,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument('--no-tome', action='store_true', help='skip the tomesd-equivalent mode in part (b)')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0 = leave the default)')
     p.add_argument('--device', default='cpu', help='torch device')
+    p.add_argument('--dtype', default='fp32', choices=sorted(DTYPES),
+                   help='weights and activations (fp16 on a GPU; the README figures are fp32 on the CPU)')
     p.add_argument('--seed', type=int, default=0, help='seed of the random weights and inputs')
     p.add_argument('--json', default=None, help='also write the raw timings to this JSON file')
     p.add_argument('--omp-passive', action='store_true',
@@ -128,14 +134,15 @@ def bench_attention(args: argparse.Namespace) -> List[dict]:
     from vitzoo.layers.workspace import Workspace
 
     torch.manual_seed(args.seed)
-    attn = Attention(query_dim=320, heads=8, dim_head=40, bias=False, out_bias=True).to(args.device).eval()
+    dtype = DTYPES[args.dtype]
+    attn = Attention(query_dim=320, heads=8, dim_head=40, bias=False, out_bias=True).to(args.device, dtype).eval()
     attn.set_processor(AttnProcessor2_0())
     gen = torch.Generator().manual_seed(args.seed)
     rows = []
     for side in args.latents:
         n = side * side
-        x = torch.randn(args.batch, n, 320, device=args.device)  # attention input (norm1 of the block input)
-        metric = torch.randn(args.batch, n, 320, device=args.device)  # block input: the merge metric
+        x = torch.randn(args.batch, n, 320, device=args.device, dtype=dtype)  # attention input (norm1 of the input)
+        metric = torch.randn(args.batch, n, 320, device=args.device, dtype=dtype)  # block input: the merge metric
         use_gen = gen if args.batch % 2 == 0 else None  # ToMeSD: no random dst for odd batches
 
         def agentsd(agent_ratio):
@@ -168,19 +175,20 @@ def bench_unet(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
-    unet = UNet2DConditionModel.from_config(SD15_UNET_CONFIG).to(args.device).eval()
+    dtype = DTYPES[args.dtype]
+    unet = UNet2DConditionModel.from_config(SD15_UNET_CONFIG).to(args.device, dtype).eval()
     unet.set_attn_processor(AttnProcessor2_0())
     print(f'  (b) SD-1.5 UNet built in {time.perf_counter() - t0:.1f}s', file=sys.stderr, flush=True)
     side = args.unet_latent
-    sample = torch.randn(args.batch, 4, side, side, device=args.device)
-    context = torch.randn(args.batch, 77, 768, device=args.device)
+    sample = torch.randn(args.batch, 4, side, side, device=args.device, dtype=dtype)
+    context = torch.randn(args.batch, 77, 768, device=args.device, dtype=dtype)
 
     def step():
         return unet(sample, 500, encoder_hidden_states=context).sample
 
     # Which blocks AgentSD patches at this latent (max_downsample=1): read back from a small patched call.
     apply_patch(unet, seed=args.seed, **EARLY)
-    unet(torch.randn(args.batch, 4, 32, 32, device=args.device), 500, encoder_hidden_states=context)
+    unet(torch.randn(args.batch, 4, 32, 32, device=args.device, dtype=dtype), 500, encoder_hidden_states=context)
     patched = [name for name, info in patch_info(unet).items() if info['mode'] != 'off']
     remove_patch(unet)
     originals = dict(unet.attn_processors)
@@ -223,9 +231,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     policy = os.environ.get('OMP_WAIT_POLICY', 'default')
-    out = dict(device=args.device, threads=torch.get_num_threads(), batch=args.batch, torch=torch.__version__,
-               omp_wait_policy=policy)
-    print(f'device {args.device}, {torch.get_num_threads()} threads (OMP_WAIT_POLICY={policy}), fp32, batch '
+    out = dict(device=args.device, dtype=args.dtype, threads=torch.get_num_threads(), batch=args.batch,
+               torch=torch.__version__, omp_wait_policy=policy)
+    print(f'device {args.device}, {torch.get_num_threads()} threads (OMP_WAIT_POLICY={policy}), {args.dtype}, batch '
           f'{args.batch}, random weights, SD-1.5 shapes; medians of interleaved repeats; AgentSD settings sx=sy=4, '
           'ratio 0.4, agent_ratio 0.95\n')
     if not args.skip_attn:

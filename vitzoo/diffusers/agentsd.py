@@ -42,10 +42,13 @@ output projection runs on the merged tokens; when
 ``to_q / to_k / to_v`` are plain ``nn.Linear`` (no LoRA / PEFT wrapper, no hooks) and no gradient is needed, they
 run as one cached batched GEMM per image, written head-major for SDPA, whose q rows carry the
 ``s ** (k_scale2 - 1)`` temperature; the ``k_shortcut · V`` add writes token-major, so merging the heads is free.
+On the CPU the large scratch tensors (merged tokens, q/k/v, head outputs, merged projection: ~85 MB per image at a
+128x128 latent) live in a ``Workspace`` shared by the processors of one patch: fresh allocations of that size are
+mmapped and page-faulted on every call, which cost 5-10% of the patched call (freed by ``remove_patch``).
 ``tools/bench_agentsd.py`` measures it. At a 128x128 latent (SD-1.5 level 1, 16384 tokens; 9831 merged tokens and
 1024 agents, the agent count being bounded below by the 1024 dst cells) the patched call is 44.8 GFLOP against the
-default's 357 (two agent softmax stages 25.8, the matching 10.7, projections 8.3): a 7.97x FLOP ratio, so the
-measured 7.2-7.9x is 90-99% of what equal arithmetic efficiency allows.
+default's 357 (two agent softmax stages 25.8, the matching 10.7, projections 8.3): a 7.97x FLOP ratio; measured
+8.2-8.5x, because the matching and projection GEMMs run faster (~380 GFLOP/s) than one big SDPA (~240 GFLOP/s).
 
 Limitations: ``use_rand=True`` with gradient checkpointing re-draws the dst positions in the recomputation (use
 ``use_rand=False`` when training through the patch); SDXL has no attention at full latent resolution, so it needs

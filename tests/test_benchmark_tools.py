@@ -1,0 +1,87 @@
+"""tools/benchmark.py and tools/bench_agentsd.py run end to end (tiny sizes) and report what their tables claim."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f'_vitzoo_tool_{name}', ROOT / 'tools' / f'{name}.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_benchmark_models_and_agent_suites(tmp_path, capsys):
+    bench = _load('benchmark')
+    out = tmp_path / 'bench'
+    assert bench.main(['--suite', 'models', 'agent', '--model', 'agent_deit_tiny', '--img-size', '32', '64',
+                       '--agent-models', 'agent_deit_tiny', '-b', '1', '--repeats', '1', '--output', str(out)]) == 0
+    res = json.loads((out / 'benchmark.json').read_text())
+    models = res['models']
+    assert [(r['model'], r['res']) for r in models] == [('agent_deit_tiny', 32), ('agent_deit_tiny', 64)]
+    assert all(_positive(r['ms_per_img']) and _positive(r['gmacs']) for r in models)
+    assert models[1]['gmacs'] > models[0]['gmacs'] and models[0]['params_m'] == models[1]['params_m']
+    # agent suite without --official-dir: the module timings, the model vs timm DeiT-T at 224 / 896, the growth
+    # exponent and the peak memory measured in a child process
+    assert [r['tokens'] for r in res['agent_module']] == [56 * 56, 224 * 224]
+    assert all(_positive(r['ours_ms']) and 'official_ms' not in r for r in res['agent_module'])
+    rows = res['agent_models']
+    assert [r['res'] for r in rows] == [224, 896]
+    assert all(r['timm_model'] == 'deit_tiny_patch16_224' and _positive(r['speed_vs_timm']) for r in rows)
+    assert 0.5 < rows[1]['ours_n_exp'] < 2.0
+    assert _positive(res['agent_memory'][0]['ours_mib'])
+    text = capsys.readouterr().out
+    assert 'agent attention module' in text and 'peak memory' in text
+    import csv
+    with open(out / 'models.csv') as f:  # every table is also a CSV next to the JSON
+        assert [r['res'] for r in csv.DictReader(f)] == ['32', '64']
+
+
+def test_benchmark_sparsifiner_suite(tmp_path):
+    bench = _load('benchmark')
+    out = tmp_path / 'bench'
+    assert bench.main(['--suite', 'sparsifiner', '-b', '1', '--repeats', '2', '--output', str(out)]) == 0
+    res = json.loads((out / 'benchmark.json').read_text())['sparsifiner']
+    rows = {r['model']: r for r in res['models']}
+    assert len(rows) == 6 and all(_positive(r['ms_per_img']) and _positive(r['latency_vs_deit_s'])
+                                  for r in rows.values())
+    # the analytic accounting: sparse attention cuts MHSA FLOPs, the dense run through vitzoo cuts nothing
+    assert 0.3 < res['mhsa_flops_reduction_keep_0_25'] < 0.6
+    assert rows['sparsifiner_deit_small attn_keep_rate=1 (dense)']['mhsa_reduction'] == 0
+    assert res['original_style_max_abs_diff'] < 1e-4  # the emulated original computes the same logits
+
+
+def test_bench_agentsd_tiny(capsys, tmp_path):
+    tool = _load('bench_agentsd')
+    js = tmp_path / 'agentsd.json'
+    res = tool.main(['--latents', '16', '--unet-latent', '16', '--attn-repeats', '1', '--unet-repeats', '1',
+                     '--json', str(js)])
+    assert json.loads(js.read_text())['dtype'] == 'fp32'
+    (row,) = res['attention']
+    assert row['tokens'] == 256 and all(_positive(row[k]) for k in ('t_default', 't_agentsd', 't_tome', 'speedup'))
+    unet = res['unet']
+    assert unet['patched_blocks'] == 5  # SD-1.5: 2 down + 3 up transformer blocks at full latent resolution
+    assert all(_positive(unet[k]) for k in ('t_default', 't_patched', 't_bound', 't_tome'))
+    assert len(unet['share_saved_per_round']) == 1 and math.isfinite(unet['share_saved'])
+    text = capsys.readouterr().out
+    assert '(a) self-attention alone' in text and 'share of removable time saved' in text
+    # half-precision attention runs through the same code (the GPU fp16 recipe; bf16 here)
+    res = tool.main(['--latents', '16', '--skip-unet', '--attn-repeats', '1', '--dtype', 'bf16'])
+    assert res['dtype'] == 'bf16' and _positive(res['attention'][0]['speedup'])
