@@ -208,7 +208,8 @@ def _project_qkv(
     if fusable:
         # q, k and v of every head as one batched GEMM per image (q pre-scaled through its weight), written
         # head-major: SDPA's CPU kernel is ~10% faster on contiguous (M, d) rows than on the strided head views of a
-        # token-major (M, 3C) projection, and the layout costs nothing here (a copy to it would cost more than it saves).
+        # token-major (M, 3C) projection, and the layout costs nothing here (a copy to it would cost more than it
+        # saves).
         w, b = _fused_qkv_weight(attn, q_mult, cache)
         shape = (B, w.shape[0], M, w.shape[-1])
         qkv = x.new_empty(shape) if workspace is None else workspace.get('attn.qkv', shape, x)
