@@ -3,6 +3,7 @@ import importlib
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -289,7 +290,7 @@ def test_workspace_reuse_is_exact():
             ref = agentsd_self_attention(attn, x, tm)
             out = agentsd_self_attention(attn, x, tm, cache=cache, workspace=ws)
         assert torch.equal(out, ref)
-        slots = {k: t.data_ptr() for k, t in ws._buffers.items()}
+        slots = {k: t.data_ptr() for k, t in ws.slots().items()}
         assert {'merge.sums', 'merge.added', 'attn.qkv', 'attn.proj'} <= set(slots)
         assert out.data_ptr() not in slots.values()  # the result never aliases a slot
         if ptrs is not None and tm.has_agents:
@@ -304,7 +305,13 @@ def test_workspace_reuse_is_exact():
     a = ws.get('t', (3, 4), x)
     assert ws.get('t', (3, 4), x) is a and ws.get('t', (5,), x).shape == (5,)
     meta = torch.empty(0, device='meta')
-    assert ws.get('m', (2,), meta) is not ws.get('m', (2,), meta) and 'm' not in ws._buffers
+    assert ws.get('m', (2,), meta) is not ws.get('m', (2,), meta) and 'm' not in ws.slots()
+    # slots are per thread: the same name in another thread is another tensor
+    other = []
+    worker = threading.Thread(target=lambda: other.append(ws.get('t', (5,), x)))
+    worker.start()
+    worker.join()
+    assert other[0].data_ptr() != ws.get('t', (5,), x).data_ptr() and 't' in ws.slots()
     ws.clear()
     assert ws.nbytes == 0
 

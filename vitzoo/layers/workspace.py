@@ -8,7 +8,8 @@ on other devices (which have caching allocators) it hands out fresh tensors.
 
 This module imports only torch.
 """
-from typing import Dict, Sequence
+import threading
+from typing import Dict, Sequence, Tuple
 
 import torch
 
@@ -19,11 +20,12 @@ class Workspace:
     """A dict of reusable CPU scratch tensors, one per name, reallocated only when shape, dtype or device change.
 
     Callers own the contract: a tensor from :meth:`get` is overwritten by the next ``get`` of the same name, so it must
-    be dead by then (not returned to the user, not saved for backward).
+    be dead by then (not returned to the user, not saved for backward). Slots are per thread, so one model called from
+    two threads at once never shares scratch memory.
     """
 
     def __init__(self):
-        self._buffers: Dict[str, torch.Tensor] = {}
+        self._buffers: Dict[Tuple[int, str], torch.Tensor] = {}
 
     def get(self, name: str, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
         """An uninitialised tensor of ``shape`` with ``like``'s dtype and device (reused on the CPU).
@@ -39,19 +41,25 @@ class Workspace:
         shape = tuple(shape)
         if like.device.type != 'cpu':
             return like.new_empty(shape)
-        buf = self._buffers.get(name)
+        key = (threading.get_ident(), name)
+        buf = self._buffers.get(key)
         if buf is None or buf.shape != shape or buf.dtype != like.dtype:
-            self._buffers.pop(name, None)  # free the old slot before allocating the new one
-            buf = self._buffers[name] = like.new_empty(shape)
+            self._buffers.pop(key, None)  # free the old slot before allocating the new one
+            buf = self._buffers[key] = like.new_empty(shape)
         return buf
 
+    def slots(self) -> Dict[str, torch.Tensor]:
+        """This thread's slots by name."""
+        ident = threading.get_ident()
+        return {name: t for (tid, name), t in self._buffers.items() if tid == ident}
+
     def clear(self) -> None:
-        """Drop every slot (their memory goes back to the allocator)."""
+        """Drop every slot of every thread (their memory goes back to the allocator)."""
         self._buffers.clear()
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the slots."""
+        """Bytes held by the slots of all threads."""
         return sum(t.numel() * t.element_size() for t in self._buffers.values())
 
     def __repr__(self) -> str:
