@@ -64,7 +64,7 @@ import torch.nn.functional as F
 
 from vitzoo.layers.agent_attention import agent_attention
 from vitzoo.layers.token_merging import TokenMerge, bipartite_soft_matching_2d, downsample_factor
-from vitzoo.layers.workspace import Workspace
+from vitzoo.layers.workspace import Workspace, scratch
 
 try:  # diffusers >= 0.27: a PipelineCallback subclass also works inside MultiPipelineCallbacks
     from diffusers.callbacks import PipelineCallback as _CallbackBase
@@ -150,7 +150,7 @@ def _agent_core(
         return out + k_shortcut * v
     # token-major result: the caller's merge of the heads is then a free view
     B, H, M, d = out.shape
-    res = out.new_empty(B, M, H, d) if workspace is None else workspace.get('attn.heads', (B, M, H, d), out)
+    res = scratch(workspace, 'attn.heads', (B, M, H, d), out)
     return torch.add(out, v, alpha=k_shortcut, out=res.transpose(1, 2))
 
 
@@ -211,8 +211,7 @@ def _project_qkv(
         # token-major (M, 3C) projection, and the layout costs nothing here (a copy to it would cost more than it
         # saves).
         w, b = _fused_qkv_weight(attn, q_mult, cache)
-        shape = (B, w.shape[0], M, w.shape[-1])
-        qkv = x.new_empty(shape) if workspace is None else workspace.get('attn.qkv', shape, x)
+        qkv = scratch(workspace, 'attn.qkv', (B, w.shape[0], M, w.shape[-1]), x)
         for i in range(B):
             torch.matmul(x[i:i + 1], w, out=qkv[i])
         if b is not None:
@@ -232,7 +231,7 @@ def _project_qkv(
 
 def _project_out(proj: nn.Module, x: torch.Tensor, workspace: Optional[Workspace]) -> torch.Tensor:
     """``proj(x)``; a plain ``nn.Linear`` writes into the workspace (``addmm``, as ``F.linear`` computes it)."""
-    if workspace is None or not _plain_linear(proj) or _needs_grad(x, proj.weight):
+    if workspace is None or not _plain_linear(proj):
         return proj(x)
     x2 = x.reshape(-1, x.shape[-1])
     out = workspace.get('attn.proj', (x2.shape[0], proj.out_features), x2)

@@ -9,11 +9,11 @@ on other devices (which have caching allocators) it hands out fresh tensors.
 This module imports only torch.
 """
 import threading
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ['Workspace']
+__all__ = ['Workspace', 'scratch']
 
 
 class Workspace:
@@ -64,3 +64,8 @@ class Workspace:
 
     def __repr__(self) -> str:
         return f'Workspace(slots={len(self._buffers)}, nbytes={self.nbytes})'
+
+
+def scratch(workspace: Optional[Workspace], name: str, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """``workspace.get(name, shape, like)``, or a fresh uninitialised tensor when there is no workspace."""
+    return like.new_empty(tuple(shape)) if workspace is None else workspace.get(name, shape, like)
