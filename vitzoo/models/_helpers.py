@@ -80,6 +80,41 @@ def check_state_dict(
         raise CheckpointError(f'checkpoint does not fit {name}: ' + '; '.join(problems[:5]) + more)
 
 
+def finish_tap_state_dict(
+        out: Dict[str, torch.Tensor],
+        model: nn.Module,
+        target: Dict[str, torch.Tensor],
+        family: str,
+) -> Dict[str, torch.Tensor]:
+    """Last steps of a TAP-family (FAN / RVT) checkpoint filter, on the already remapped ``out``.
+
+    Checks that TAP weights (``dilation_predictor``) and the model agree (``model.num_scales`` > 0 iff present), fills
+    absent BatchNorm ``num_batches_tracked`` counters from ``target`` (the model's state dict), then checks every key
+    and shape (classifier keys skipped).
+
+    Args:
+        out: Remapped checkpoint (updated in place).
+        model: The model it should load into.
+        target: ``model.state_dict()``.
+        family: Model-name stem for the messages ('fan', 'rvt').
+
+    Returns:
+        ``out``.
+    """
+    has_tap = any('.dilation_predictor.' in k for k in out)
+    if has_tap and model.num_scales == 0:
+        raise CheckpointError(f'checkpoint has TAP weights (dilation_predictor): build a tap_{family}_* model '
+                              f'(num_scales=4), not a plain {family}_* one')
+    if not has_tap and model.num_scales > 0:
+        raise CheckpointError(f'checkpoint has no TAP weights (dilation_predictor): build a plain {family}_* model, '
+                              'or pass num_scales=0')
+    for k, v in target.items():
+        if k.endswith('num_batches_tracked') and k not in out:
+            out[k] = v.clone()
+    check_state_dict(out, model, skip_prefixes=('head.',))
+    return out
+
+
 def embed_patches(
         model: nn.Module,
         x: torch.Tensor,

@@ -48,7 +48,7 @@ from timm.models.xcit import ClassAttentionBlock, PositionalEncodingFourier
 
 from vitzoo.layers.token_pooling import DilatedAvgPooling, DilationPredictor, token_aware_pool
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
-from ._helpers import CheckpointError, check_state_dict, unwrap_state_dict
+from ._helpers import finish_tap_state_dict, unwrap_state_dict
 
 __all__ = ['FAN']
 
@@ -635,18 +635,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: FAN) -> Dict[str, torch.Tensor
                 out[f'{pre}{name}.bias'] = t
             continue
         out[k] = v
-    has_tap = any('.dilation_predictor.' in k for k in out)
-    if has_tap and model.num_scales == 0:
-        raise CheckpointError('checkpoint has TAP weights (dilation_predictor): build a tap_fan_* model '
-                              '(num_scales=4), not a plain fan_* one')
-    if not has_tap and model.num_scales > 0:
-        raise CheckpointError('checkpoint has no TAP weights (dilation_predictor): build a plain fan_* model, '
-                              'or pass num_scales=0')
-    for k, v in target.items():
-        if k.endswith('num_batches_tracked') and k not in out:
-            out[k] = v.clone()
-    check_state_dict(out, model, skip_prefixes=('head.',))
-    return out
+    return finish_tap_state_dict(out, model, target, 'fan')
 
 
 def _create_fan(variant: str, pretrained: bool = False, **kwargs) -> FAN:

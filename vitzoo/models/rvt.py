@@ -41,7 +41,7 @@ from timm.models._features import feature_take_indices
 
 from vitzoo.layers.token_pooling import DilatedAvgPooling, DilationPredictor, token_aware_pool
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
-from ._helpers import CheckpointError, check_state_dict, unwrap_state_dict
+from ._helpers import CheckpointError, finish_tap_state_dict, unwrap_state_dict
 
 __all__ = ['RVT']
 
@@ -458,18 +458,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: RVT) -> Dict[str, torch.Tensor
                 raise CheckpointError(f"key '{k}': att_mask of shape {tuple(v.shape)} is not a square grid")
             v = resize_att_mask(v, (old, old), model.blocks[int(k.split('.')[1])].attn.grid_size)
         out[k] = v
-    has_tap = any('.dilation_predictor.' in k for k in out)
-    if has_tap and model.num_scales == 0:
-        raise CheckpointError('checkpoint has TAP weights (dilation_predictor): build a tap_rvt_* model '
-                              '(num_scales=4), not a plain rvt_* one')
-    if not has_tap and model.num_scales > 0:
-        raise CheckpointError('checkpoint has no TAP weights (dilation_predictor): build a plain rvt_* model, '
-                              'or pass num_scales=0')
-    for k, v in target.items():
-        if k.endswith('num_batches_tracked') and k not in out:
-            out[k] = v.clone()
-    check_state_dict(out, model, skip_prefixes=('head.',))
-    return out
+    return finish_tap_state_dict(out, model, target, 'rvt')
 
 
 def _create_rvt(variant: str, pretrained: bool = False, **kwargs) -> RVT:
