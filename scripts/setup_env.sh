@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install vitzoo with every extra, following ../shared/ENVIRONMENT.md.
+# Create .venv and install vitzoo with every extra (torch, mmcv with compiled ops, mm*, diffusers, ...).
 # Idempotent: a stamp file keyed on the inputs makes a repeat run take well under a second.
 # mmcv 2.1.0 must be built from a C++20-patched sdist (torch 2.14 headers need C++20); the built wheel is cached in
 # $VITZOO_WHEELHOUSE (default: ~/.cache/vitzoo/wheels) and any matching wheel found there is reused.

@@ -168,7 +168,7 @@ def test_striped_agent_split_is_rejected():
         timm.create_model('agent_cswin_tiny', embed_dim=16, depth=(1, 1, 1, 1), la_split_size='28-28-14-7')
 
 
-# name: (params in M, GMACs) from the specs' measured column
+# name: (params in M, GMACs) measured from the official models
 SPEC = {
     'agent_cswin_tiny': (20.46, 4.29),
     'agent_cswin_small': (32.81, 6.74),
@@ -189,7 +189,7 @@ def test_meta_counting_equals_real_counting():
 
 
 @pytest.mark.parametrize('name', sorted(SPEC))
-def test_params_and_flops_match_specs(name):
+def test_params_and_flops_match_official(name):
     with torch.device('meta'):
         model = timm.create_model(name)
         macs = count_macs(model, model.pretrained_cfg['input_size'])

@@ -89,7 +89,7 @@ def test_bad_checkpoint_names_key_and_shapes(official_file):
         _build_from_ref(ref, 'agent_deit_tiny', official_file(sd))
 
 
-# name: (params in M, GMACs) from the specs' measured column
+# name: (params in M, GMACs) measured from the official models
 SPEC = {
     'agent_deit_tiny': (6.02, 1.17),
     'agent_deit_small': (22.65, 4.43),
@@ -99,7 +99,7 @@ SPEC = {
 
 
 @pytest.mark.parametrize('name', sorted(SPEC))
-def test_params_and_flops_match_specs(name):
+def test_params_and_flops_match_official(name):
     model = timm.create_model(name)
     params, gmacs = SPEC[name]
     assert abs(count_params(model) / 1e6 - params) / params < 0.005

@@ -197,7 +197,7 @@ def test_bad_attn_type():
         timm.create_model('agent_swin_tiny', attn_type='AAMB')
 
 
-# name: (params in M, GMACs) from the specs' measured column (§5)
+# name: (params in M, GMACs) measured from the official models
 SPEC = {
     'agent_swin_tiny': (28.90, 4.50),
     'agent_swin_small': (49.67, 8.70),
@@ -208,7 +208,7 @@ SPEC = {
 
 
 @pytest.mark.parametrize('name', sorted(SPEC))
-def test_params_and_flops_match_specs(name):
+def test_params_and_flops_match_official(name):
     # On the meta device: the same modules and op shapes as on CPU (the counter sees shapes only), without the
     # seconds of init and compute per full-size model.
     with torch.device('meta'):

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# tiny offline pipelines (random weights; see shared ENVIRONMENT.md §7.5)
+# tiny offline pipelines (random weights, built from configs: no hub download)
 
 
 def _tokenizer() -> CLIPTokenizer:
@@ -196,7 +196,7 @@ def test_merge_matches_literal_reference(h, w, sx, sy, ratio, agent_ratio):
 
 
 @pytest.mark.parametrize('side,settings,merged,agents', [
-    (64, dict(sx=4, sy=4, ratio=0.4, agent_ratio=0.95), 2458, 256),  # specs §10, steps 0-19
+    (64, dict(sx=4, sy=4, ratio=0.4, agent_ratio=0.95), 2458, 256),  # the official AgentSD schedule, steps 0-19
     (64, dict(sx=2, sy=2, ratio=0.4, agent_ratio=0.5), 2458, 0),  # steps >= 20: (4096 - 2048) * 2 >= 2458
     (64, dict(sx=2, sy=2, ratio=0.5, agent_ratio=0.8), 2048, 0),  # official function defaults
     (96, dict(sx=4, sy=4, ratio=0.4, agent_ratio=0.95), 5530, 576),

@@ -405,10 +405,10 @@ def test_loss_formulas():
 def test_flops_dense_equals_counted_and_sparse_matches_hand_computation():
     """keep 1.0: analytic == counted (FlopCounter) == timm DeiT-S; keep 0.25: the hand computation for DeiT-S.
 
-    Also the parameter count of the specs."""
+    Also the parameter count of the official model."""
     dense = timm.create_model('sparsifiner_deit_small', attn_keep_rate=1.0)
     sparse = timm.create_model('sparsifiner_deit_small')
-    assert count_params(sparse) == 22_251_880  # specs: DeiT-S 22,050,664 + 12 predictors of 16,768
+    assert count_params(sparse) == 22_251_880  # official: DeiT-S 22,050,664 + 12 predictors of 16,768
     deit_macs = count_macs(timm.create_model('deit_small_patch16_224'))
     f1 = sparsifiner_flops(dense)
     assert f1['total'] == count_macs(dense) == deit_macs
@@ -423,7 +423,7 @@ def test_flops_dense_equals_counted_and_sparse_matches_hand_computation():
     dense_attn = 12 * 2 * H * n * n * d
     assert f['total'] == deit_macs - dense_attn + 12 * (qk_av + predictor)
     assert abs(f['mhsa_reduction'] - (1 - (qk_av + predictor) / (2 * H * n * n * d))) < 1e-12
-    assert 0.43 < f['mhsa_reduction'] < 0.44  # specs: about -44 % MHSA FLOPs at keep 0.25
+    assert 0.43 < f['mhsa_reduction'] < 0.44  # paper: about -44 % MHSA FLOPs at keep 0.25
     # token pruning (r = 0.7 at blocks 3, 6, 9) shrinks the count further
     sparse.token_keep_rate, sparse.token_pruning_loc = 0.7, (3, 6, 9)
     assert sparsifiner_flops(sparse)['total'] < 0.75 * f['total']

@@ -8,7 +8,7 @@ All errors are fractions in ``[0, 1]``; the summary reports mCE / relative mCE `
   reported separately.
 
 The AlexNet constants are **keyed by corruption name**: forks that reorder the corruption list but keep a positional
-constant list pair the wrong constants (``specs/imagenet-c.md`` §9), so nothing here depends on list order.
+constant list pair the wrong constants, so nothing here depends on list order.
 
 Example::
 

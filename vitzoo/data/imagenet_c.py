@@ -13,9 +13,9 @@ e.g. ``R = 73, C = 64`` (any ``C >= 32``, the minimum side imagecorruptions acce
 the output does not depend on worker count, order or process.
 
 imagecorruptions 1.1.2 fails on current scikit-image / NumPy 2 for glass_blur, gaussian_blur (``multichannel=``) and
-fog (``np.float_``); :func:`load_imagecorruptions` installs the shim of ENVIRONMENT.md §7.1 before first use. The shim
+fog (``np.float_``); :func:`load_imagecorruptions` installs a compatibility shim before first use. The shim
 also makes impulse_noise deterministic: scikit-image's ``random_noise`` ignores ``np.random.seed`` (it draws from its
-own ``default_rng``), so the shim passes it an ``rng`` drawn from ``np.random`` (fix not in ENVIRONMENT.md §7.1).
+own ``default_rng``), so the shim passes it an ``rng`` drawn from ``np.random``.
 
 Unreadable images are not fatal: the datasets return label ``-1`` (and a zero image) for them, which the evaluator
 counts and reports as skipped. Structural problems (missing corruption / severity folder, empty folder, a class folder

@@ -19,7 +19,7 @@ The latent size is recorded by a pre-hook on the UNet and the exact token grid b
 ``Transformer2DModel``; nothing swaps a class, so LoRA / PEFT-wrapped projections, IP-Adapter or other processors on
 ``attn2``, and later diffusers changes to the block forward keep working.
 
-Fixed defects of the official code (see ``specs/agentsd.md`` §12):
+Fixed defects of the official code (LeapLabTHU/Agent-Attention ``agentsd/``):
 
 - diffusers support at all (its diffusers path raises a ``TypeError``: official issue #18) - here processors + hooks;
 - ``remove_patch`` restores every processor object exactly, so outputs are bit-identical to a never-patched model
