@@ -35,3 +35,21 @@ def test_models_do_not_import_integrations():
 def test_version_and_registration():
     assert isinstance(vitzoo.__version__, str) and vitzoo.__version__.count('.') == 2
     assert vitzoo.utils.list_models('agent_deit_*')
+
+
+def test_project_files_name_no_development_paths():
+    """A user's clone has neither the development machines' folders nor their private notes: cite public sources."""
+    root = PKG.parent
+    bad = ('/work/', '../shared', 'shared/specs', 'specs/', 'ENVIRONMENT.md')
+    offenders = []
+    for folder in ('vitzoo', 'tools', 'tests', 'configs', 'weights', 'scripts'):
+        for path in sorted((root / folder).rglob('*')):
+            if path.suffix not in {'.py', '.yaml', '.yml', '.md', '.sh', '.json', '.cfg', '.txt'} \
+                    or path == Path(__file__).resolve():
+                continue
+            text = path.read_text(errors='replace')
+            offenders += [f'{path.relative_to(root)}: {b}' for b in bad if b in text]
+    for name in ('README.md', 'setup.cfg', 'Makefile', 'pyproject.toml'):
+        text = (root / name).read_text()
+        offenders += [f'{name}: {b}' for b in bad if b in text]
+    assert not offenders, offenders
