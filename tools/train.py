@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import csv
 import difflib
+import json
 import logging
 import math
 import os
@@ -72,10 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra model args, key=value')
     g.add_argument('--pretrained', action='store_true', help='start from the pretrained weights')
     g.add_argument('--initial-checkpoint', default='', help='load these weights before training')
+    g.add_argument('--require-initial-checkpoint', action='store_true',
+                   help='the recipe fine-tunes given weights: a run without --initial-checkpoint is an error')
     g.add_argument('--resume', default='', help='resume model + optimizer + schedule + data position from last.pth')
     g.add_argument('--num-classes', type=int, default=None, help='classes (default: from the dataset)')
     g.add_argument('--img-size', type=int, default=None, help='image size (default: the model cfg)')
-    g.add_argument('--crop-pct', type=float, default=None, help='eval center-crop fraction')
+    g.add_argument('--crop-pct', type=float, default=None, help='eval center-crop fraction (default: the model cfg)')
+    g.add_argument('--crop-mode', default=None, help="eval crop mode 'center', 'squash' or 'border' (default: the "
+                                                     'model cfg)')
     g.add_argument('--mean', type=float, nargs=3, default=None)
     g.add_argument('--std', type=float, nargs=3, default=None)
     g.add_argument('--interpolation', default='', help='resize interpolation (default: the model cfg)')
@@ -86,21 +91,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--drop-path', type=float, default=None, help='stochastic depth rate')
     g = p.add_argument_group('optimizer / schedule')
     g.add_argument('--opt', default='adamw')
-    g.add_argument('--opt-eps', type=float, default=None)
+    g.add_argument('--opt-eps', type=float, default=None, help='optimizer epsilon (default: the optimizer)')
+    g.add_argument('--opt-betas', type=float, nargs='+', default=None, help='optimizer betas (default: the optimizer)')
     g.add_argument('--momentum', type=float, default=0.9)
     g.add_argument('--weight-decay', type=float, default=0.05)
     g.add_argument('--clip-grad', type=float, default=None, help='gradient norm clipping (None: off)')
     g.add_argument('--clip-mode', default='norm', help="'norm', 'value' or 'agc'")
     g.add_argument('--lr', type=float, default=None, help='learning rate (default: --lr-base scaled by batch)')
     g.add_argument('--lr-base', type=float, default=5e-4, help='lr at --lr-base-size global batch (linear scaling)')
-    g.add_argument('--lr-base-size', type=int, default=512)
+    g.add_argument('--lr-base-size', type=int, default=512, help='global batch of the *-base learning rates')
     g.add_argument('--sched', default='cosine')
     g.add_argument('--sched-on-updates', action='store_true', help='step the schedule every update')
-    g.add_argument('--epochs', type=int, default=300)
+    g.add_argument('--epochs', type=int, default=300, help='schedule length (warmup included); the run trains '
+                                                            '--epochs + --cooldown-epochs')
     g.add_argument('--warmup-epochs', type=int, default=5)
-    g.add_argument('--warmup-lr', type=float, default=1e-6)
-    g.add_argument('--min-lr', type=float, default=1e-5)
-    g.add_argument('--cooldown-epochs', type=int, default=0)
+    g.add_argument('--warmup-lr', type=float, default=None,
+                   help='warmup start lr (default: --warmup-lr-base scaled by batch, else 1e-6)')
+    g.add_argument('--warmup-lr-base', type=float, default=None, help='warmup lr at --lr-base-size global batch')
+    g.add_argument('--min-lr', type=float, default=None, help='final lr (default: --min-lr-base scaled, else 1e-5)')
+    g.add_argument('--min-lr-base', type=float, default=None, help='min lr at --lr-base-size global batch')
+    g.add_argument('--cooldown-epochs', type=int, default=0, help='epochs at --min-lr after the schedule')
     g.add_argument('--decay-epochs', type=float, default=90)
     g.add_argument('--decay-rate', type=float, default=0.1)
     g = p.add_argument_group('augmentation / regularization')
@@ -151,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--device', default='', help="'cpu', 'cuda' (default: cuda if available)")
     g.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: leave)')
     g.add_argument('--max-steps-per-epoch', type=int, default=0, help='cap the steps per epoch (0: all)')
+    g.add_argument('--print-recipe', action='store_true',
+                   help='print the resolved recipe (absolute lrs at the global batch, schedule, eval transform) as '
+                        'one JSON object and exit without touching data')
+    g.add_argument('--world-size', type=int, default=None,
+                   help='--print-recipe only: processes to resolve the recipe for (a run takes it from torchrun)')
     # test hooks (hidden): kill the process after a step; dump every rank's parameters at the end
     g.add_argument('--debug-sigkill-at-step', type=int, default=0, help=argparse.SUPPRESS)
     g.add_argument('--debug-dump-rank-params', action='store_true', help=argparse.SUPPRESS)
@@ -180,11 +195,118 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# recipe: every value the run uses, resolved once (--print-recipe shows it, _train trains with it)
+
+
+def _check_model_name(name: str) -> None:
+    if not timm.is_model(name.split('.')[0]):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise TrainError(f'unknown model {name!r}' + (f' (did you mean {", ".join(close)}?)' if close else ''))
+
+
+def _scaled_lr(absolute: Optional[float], base: Optional[float], default: float, global_batch: int,
+               base_size: int) -> float:
+    """An absolute lr wins; else a per-``base_size`` base scaled linearly to ``global_batch``; else ``default``."""
+    if absolute is not None:
+        return float(absolute)
+    if base is not None:
+        return float(base) * global_batch / base_size
+    return float(default)
+
+
+def build_optimizer(model: nn.Module, args: argparse.Namespace, lr: float) -> torch.optim.Optimizer:
+    kw = {}
+    if args.opt_eps is not None:
+        kw['eps'] = args.opt_eps
+    if args.opt_betas is not None:
+        kw['betas'] = tuple(args.opt_betas)
+    return create_optimizer_v2(model, opt=args.opt, lr=lr, weight_decay=args.weight_decay, momentum=args.momentum,
+                               **kw)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, recipe: Dict,
+                    updates_per_epoch: int):
+    """timm's scheduler for the recipe; returns ``(scheduler, total epochs including cooldown)``."""
+    return create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        decay_rate=args.decay_rate, min_lr=recipe['min_lr'], warmup_lr=recipe['warmup_lr'],
+        warmup_epochs=args.warmup_epochs, cooldown_epochs=args.cooldown_epochs,
+        step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
+
+
+def resolve_recipe(args: argparse.Namespace) -> Dict:
+    """The recipe a run with ``args`` trains with, as a JSON-able dict.
+
+    Learning rates are absolute at the global batch (``batch_size * world_size``): an absolute ``--lr`` /
+    ``--warmup-lr`` / ``--min-lr`` wins, else the ``*-base`` value scaled by ``global_batch / --lr-base-size``.
+    ``epochs`` is the total trained (cooldown included), optimizer defaults (eps, betas) and the total come from
+    building timm's optimizer and scheduler the way the run does; ``eval`` is the validation transform. Touches no
+    data and builds no model (only the pretrained cfg is read).
+    """
+    _check_model_name(args.model)
+    world_size = int(getattr(args, 'world_size', None) or 1)
+    if world_size < 1:
+        raise TrainError(f'--world-size must be >= 1, got {world_size}')
+    if args.batch_size < 1:
+        raise TrainError(f'--batch-size must be >= 1, got {args.batch_size}')
+    global_batch = args.batch_size * world_size
+    lr = _scaled_lr(args.lr, args.lr_base, 0.0, global_batch, args.lr_base_size)
+    warmup_lr = _scaled_lr(args.warmup_lr, args.warmup_lr_base, 1e-6, global_batch, args.lr_base_size)
+    min_lr = _scaled_lr(args.min_lr, args.min_lr_base, 1e-5, global_batch, args.lr_base_size)
+
+    pcfg = timm.models.get_pretrained_cfg(args.model)
+    cfg = pcfg.to_dict() if pcfg is not None else {}
+    cfg.update(dict(args.model_kwargs).get('pretrained_cfg_overlay') or {})
+    interp = args.interpolation or cfg.get('interpolation') or 'bicubic'
+    if args.initial_checkpoint or args.require_initial_checkpoint:
+        init = 'initial-checkpoint'
+    elif args.pretrained:
+        init = f'pretrained:{cfg.get("architecture", args.model.split(".")[0])}.{cfg.get("tag")}'
+    else:
+        init = 'scratch'
+
+    recipe = dict(
+        model=args.model, init=init, img_size=args.img_size or cfg.get('input_size', (3, 224, 224))[-1],
+        num_classes=args.num_classes, world_size=world_size, batch_size=args.batch_size, global_batch=global_batch,
+        opt=args.opt, lr=lr, warmup_lr=warmup_lr, min_lr=min_lr,
+        lr_base=None if args.lr is not None else args.lr_base,
+        warmup_lr_base=None if args.warmup_lr is not None else args.warmup_lr_base,
+        min_lr_base=None if args.min_lr is not None else args.min_lr_base, lr_base_size=args.lr_base_size,
+        weight_decay=args.weight_decay, sched=args.sched, sched_on_updates=bool(args.sched_on_updates),
+        epochs=None, sched_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+        cooldown_epochs=args.cooldown_epochs, clip_grad=args.clip_grad, clip_mode=args.clip_mode, drop=args.drop,
+        drop_path=args.drop_path, model_ema=bool(args.model_ema),
+        model_ema_decay=args.model_ema_decay if args.model_ema else None,
+        smoothing=args.smoothing, mixup=args.mixup, cutmix=args.cutmix, mixup_prob=args.mixup_prob,
+        mixup_switch_prob=args.mixup_switch_prob, mixup_mode=args.mixup_mode, no_aug=bool(args.no_aug),
+        scale=list(args.scale), ratio=list(args.ratio), hflip=args.hflip, vflip=args.vflip,
+        color_jitter=args.color_jitter, aa=args.aa, reprob=args.reprob, remode=args.remode, interpolation=interp,
+        mean=list(args.mean or cfg.get('mean') or timm.data.IMAGENET_DEFAULT_MEAN),
+        std=list(args.std or cfg.get('std') or timm.data.IMAGENET_DEFAULT_STD),
+        eval=dict(crop_pct=args.crop_pct or cfg.get('crop_pct') or 0.875,
+                  crop_mode=args.crop_mode or cfg.get('crop_mode') or 'center', interpolation=interp),
+        method=method_of(args.model) if args.method == 'auto' else args.method, seed=args.seed)
+    if recipe['eval']['crop_mode'] not in ('center', 'squash', 'border'):
+        raise TrainError(f"--crop-mode must be 'center', 'squash' or 'border', got {recipe['eval']['crop_mode']!r}")
+
+    # the optimizer's defaults and the scheduler's total exactly as the run builds them (on a dummy parameter)
+    optimizer = build_optimizer(nn.Linear(1, 1), args, lr)
+    group = optimizer.param_groups[0]
+    recipe['opt_eps'] = group.get('eps')
+    recipe['opt_betas'] = list(group['betas']) if 'betas' in group else None
+    recipe['momentum'] = group.get('momentum')
+    _, recipe['epochs'] = build_scheduler(optimizer, args, recipe, updates_per_epoch=1)
+    return recipe
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # setup
 
 
 def setup_distributed(args: argparse.Namespace) -> None:
     """torchrun sets WORLD_SIZE / RANK / LOCAL_RANK (+ MASTER_ADDR/PORT); gloo on CPU, nccl on GPU."""
+    if args.world_size is not None:
+        raise TrainError('--world-size is only for --print-recipe: a run takes the world size from torchrun')
     args.world_size = int(os.environ.get('WORLD_SIZE', 1))
     args.rank = int(os.environ.get('RANK', 0))
     args.local_rank = int(os.environ.get('LOCAL_RANK', 0))
@@ -229,9 +351,7 @@ def build_datasets(args: argparse.Namespace):
 
 def create_model(args: argparse.Namespace) -> nn.Module:
     name = args.model
-    if not timm.is_model(name.split('.')[0]):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        raise TrainError(f'unknown model {name!r}' + (f' (did you mean {", ".join(close)}?)' if close else ''))
+    _check_model_name(name)
     kwargs = dict(args.model_kwargs)
     if args.img_size is not None:
         kwargs.setdefault('img_size', args.img_size)
@@ -399,8 +519,13 @@ def _setup_logging(is_main: bool) -> None:
 
 def main(argv: Optional[List[str]] = None) -> Dict:
     """Train; returns the final metrics ``{'eval_top1', 'eval_top5', 'eval_loss', 'train_loss', 'epoch',
-    'output_dir', 'best_metric'}``."""
+    'output_dir', 'best_metric'}``. With ``--print-recipe``: prints and returns :func:`resolve_recipe`'s dict."""
     args = parse_args(argv)
+    if args.print_recipe:
+        args.world_size = args.world_size or int(os.environ.get('WORLD_SIZE', 1))
+        recipe = resolve_recipe(args)
+        print(json.dumps(recipe, indent=1))
+        return recipe
     setup_distributed(args)
     is_main = args.rank == 0
     _setup_logging(is_main)
@@ -414,15 +539,17 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
 
 def _train(args: argparse.Namespace, is_main: bool) -> Dict:
+    recipe = resolve_recipe(args)  # what --print-recipe shows; everything below trains with it
+    if args.require_initial_checkpoint and not args.initial_checkpoint:
+        raise TrainError(f'{args.config or "this recipe"} fine-tunes given weights: give --initial-checkpoint')
+    args.lr, args.warmup_lr, args.min_lr = recipe['lr'], recipe['warmup_lr'], recipe['min_lr']
     random_seed(args.seed, args.rank)
     train_set, val_set = build_datasets(args)
     model = create_model(args)
-    cfg = model.pretrained_cfg
-    img_size = args.img_size or cfg['input_size'][-1]
-    mean = tuple(args.mean or cfg.get('mean', timm.data.IMAGENET_DEFAULT_MEAN))
-    std = tuple(args.std or cfg.get('std', timm.data.IMAGENET_DEFAULT_STD))
-    interp = args.interpolation or cfg.get('interpolation', 'bicubic')
-    crop_pct = args.crop_pct or cfg.get('crop_pct', 0.875)
+    img_size = recipe['img_size']
+    mean, std = tuple(recipe['mean']), tuple(recipe['std'])
+    interp = recipe['interpolation']
+    crop_pct, crop_mode = recipe['eval']['crop_pct'], recipe['eval']['crop_mode']
     if args.no_aug:
         train_tf = create_transform(img_size, is_training=False, interpolation=interp, mean=mean, std=std, crop_pct=1.)
     else:
@@ -431,8 +558,8 @@ def _train(args: argparse.Namespace, is_main: bool) -> Dict:
                                     auto_augment=args.aa, interpolation=interp, mean=mean, std=std,
                                     re_prob=args.reprob, re_mode=args.remode)
     train_set.transform = train_tf
-    val_set.transform = create_transform(img_size, is_training=False, interpolation=interp, mean=mean, std=std,
-                                         crop_pct=crop_pct)
+    val_set.transform = create_transform(img_size, is_training=False, interpolation=recipe['eval']['interpolation'],
+                                         mean=mean, std=std, crop_pct=crop_pct, crop_mode=crop_mode)
 
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
@@ -464,16 +591,8 @@ def _train(args: argparse.Namespace, is_main: bool) -> Dict:
     if steps_per_epoch == 0:
         raise TrainError(f'{len(train_set)} training images give no full batch of {args.batch_size} per process')
 
-    if args.lr is None:
-        args.lr = args.lr_base * args.batch_size * args.world_size / args.lr_base_size
-    opt_kw = {'eps': args.opt_eps} if args.opt_eps is not None else {}
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum, **opt_kw)
-    scheduler, num_epochs = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-        decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
-        cooldown_epochs=args.cooldown_epochs, step_on_epochs=not args.sched_on_updates,
-        updates_per_epoch=steps_per_epoch)
+    optimizer = build_optimizer(model, args, recipe['lr'])
+    scheduler, num_epochs = build_scheduler(optimizer, args, recipe, steps_per_epoch)
     amp_dtype = {'float16': torch.float16, 'bfloat16': torch.bfloat16}.get(
         args.amp_dtype or ('float16' if args.device.startswith('cuda') else 'bfloat16'))
     device_type = 'cuda' if args.device.startswith('cuda') else 'cpu'
@@ -523,6 +642,8 @@ def _train(args: argparse.Namespace, is_main: bool) -> Dict:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, 'args.yaml'), 'w') as f:
             yaml.safe_dump(to_primitive({k: v for k, v in vars(args).items()}), f, sort_keys=False)
+        with open(os.path.join(out_dir, 'recipe.json'), 'w') as f:
+            json.dump(recipe, f, indent=1)
         summary = os.path.join(out_dir, 'summary.csv')
         if args.resume and os.path.exists(summary):  # drop rows of epochs that will be redone
             with open(summary) as f:
