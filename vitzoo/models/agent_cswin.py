@@ -606,9 +606,11 @@ def _create_agent_cswin(variant: str, pretrained: bool = False, **kwargs) -> Age
 
 
 def _cfg(url: str = '', **kwargs) -> Dict:
+    # official eval (agent_transformer/data/build.py build_transform, TEST.CROP True): Resize((s, s)) with
+    # s = int(256 / 224 * img), then CenterCrop(img), bicubic == timm's 'squash' mode at crop_pct 0.875
     return {
         'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'crop_pct': 0.875, 'crop_mode': 'squash', 'interpolation': 'bicubic', 'fixed_input_size': False,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'patch_embed.proj', 'classifier': 'head',
         'paper_ids': 'arXiv:2312.08874', 'origin_url': 'https://github.com/LeapLabTHU/Agent-Attention',
@@ -620,8 +622,9 @@ default_cfgs = generate_default_cfgs({
     'agent_cswin_tiny.in1k': _cfg(**manifest_cfg('agent_cswin_tiny.in1k')),
     'agent_cswin_small.in1k': _cfg(**manifest_cfg('agent_cswin_small.in1k')),
     'agent_cswin_base.in1k': _cfg(**manifest_cfg('agent_cswin_base.in1k')),
+    # agent_cswin_b_384.yaml keeps TEST.CROP: Resize((438, 438)) -> CenterCrop(384)
     'agent_cswin_base_384.in1k': _cfg(
-        input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0, **manifest_cfg('agent_cswin_base_384.in1k')),
+        input_size=(3, 384, 384), pool_size=(12, 12), **manifest_cfg('agent_cswin_base_384.in1k')),
 })
 
 

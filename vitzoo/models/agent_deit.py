@@ -330,9 +330,11 @@ def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> Agen
 
 
 def _cfg(url: str = '', **kwargs) -> Dict:
+    # official eval (agent_transformer/data/build.py build_transform, TEST.CROP True): Resize((s, s)) with
+    # s = int(256 / 224 * img), then CenterCrop(img), bicubic == timm's 'squash' mode at crop_pct 0.875
     return {
         'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'crop_pct': 0.875, 'crop_mode': 'squash', 'interpolation': 'bicubic', 'fixed_input_size': False,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'patch_embed.proj', 'classifier': 'head',
         'paper_ids': 'arXiv:2312.08874', 'origin_url': 'https://github.com/LeapLabTHU/Agent-Attention',
@@ -343,8 +345,8 @@ def _cfg(url: str = '', **kwargs) -> Dict:
 default_cfgs = generate_default_cfgs({
     'agent_deit_tiny.in1k': _cfg(**manifest_cfg('agent_deit_tiny.in1k')),
     'agent_deit_small.in1k': _cfg(**manifest_cfg('agent_deit_small.in1k')),
-    'agent_deit_small_448.in1k': _cfg(
-        input_size=(3, 448, 448), crop_pct=1.0, **manifest_cfg('agent_deit_small_448.in1k')),
+    # agent_deit_s_448.yaml keeps TEST.CROP: Resize((512, 512)) -> CenterCrop(448)
+    'agent_deit_small_448.in1k': _cfg(input_size=(3, 448, 448), **manifest_cfg('agent_deit_small_448.in1k')),
     'agent_deit_base.in1k': _cfg(**manifest_cfg('agent_deit_base.in1k')),
 })
 

@@ -515,9 +515,11 @@ def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> Agent
 
 
 def _cfg(url: str = '', **kwargs) -> Dict:
+    # official eval (agent_transformer/data/build.py build_transform, TEST.CROP True): Resize((s, s)) with
+    # s = int(256 / 224 * img), then CenterCrop(img), bicubic == timm's 'squash' mode at crop_pct 0.875
     return {
         'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'crop_pct': 0.875, 'crop_mode': 'squash', 'interpolation': 'bicubic', 'fixed_input_size': False,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'stages.0.patch_embed.proj', 'classifier': 'head',
         'paper_ids': 'arXiv:2312.08874', 'origin_url': 'https://github.com/LeapLabTHU/Agent-Attention',
@@ -529,7 +531,7 @@ default_cfgs = generate_default_cfgs({
     'agent_pvt_tiny.in1k': _cfg(**manifest_cfg('agent_pvt_tiny.in1k')),
     'agent_pvt_small.in1k': _cfg(**manifest_cfg('agent_pvt_small.in1k')),
     'agent_pvt_medium.in1k': _cfg(**manifest_cfg('agent_pvt_medium.in1k')),
-    # agent_pvt_m_256 keeps the default test crop (only the 288/384 cfgs set TEST.CROP False)
+    # agent_pvt_m_256.yaml keeps TEST.CROP: Resize((292, 292)) -> CenterCrop(256)
     'agent_pvt_medium_256.in1k': _cfg(
         input_size=(3, 256, 256), pool_size=(8, 8), **manifest_cfg('agent_pvt_medium_256.in1k')),
     'agent_pvt_large.in1k': _cfg(**manifest_cfg('agent_pvt_large.in1k')),

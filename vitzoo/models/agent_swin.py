@@ -599,9 +599,11 @@ def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> Agen
 
 
 def _cfg(url: str = '', **kwargs) -> Dict:
+    # official eval (agent_transformer/data/build.py build_transform, TEST.CROP True): Resize((s, s)) with
+    # s = int(256 / 224 * img), then CenterCrop(img), bicubic == timm's 'squash' mode at crop_pct 0.875
     return {
         'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'crop_pct': 0.875, 'crop_mode': 'squash', 'interpolation': 'bicubic', 'fixed_input_size': False,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'patch_embed.proj', 'classifier': 'head',
         'paper_ids': 'arXiv:2312.08874', 'origin_url': 'https://github.com/LeapLabTHU/Agent-Attention',
@@ -612,7 +614,7 @@ def _cfg(url: str = '', **kwargs) -> Dict:
 default_cfgs = generate_default_cfgs({
     'agent_swin_tiny.in1k': _cfg(**manifest_cfg('agent_swin_tiny.in1k')),
     'agent_swin_small.in1k': _cfg(**manifest_cfg('agent_swin_small.in1k')),
-    # the 288 / 384 configs evaluate with TEST.CROP False: a direct resize
+    # agent_swin_s_288.yaml / agent_swin_b_384.yaml set TEST.CROP False: Resize((img, img)) only == squash at crop_pct 1
     'agent_swin_small_288.in1k': _cfg(
         input_size=(3, 288, 288), pool_size=(9, 9), crop_pct=1.0, **manifest_cfg('agent_swin_small_288.in1k')),
     'agent_swin_base.in1k': _cfg(**manifest_cfg('agent_swin_base.in1k')),

@@ -648,9 +648,11 @@ def _create_fan(variant: str, pretrained: bool = False, **kwargs) -> FAN:
 
 
 def _cfg(url: str = '', **kwargs) -> Dict:
+    # official eval (TAPADL_FAN/validate_ood.py): timm's loader with the TAPADL_FAN/models/fan.py _cfg, crop_pct 1.0
+    # bicubic: Resize(224) (shorter side) -> CenterCrop(224)
     return {
         'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        'crop_pct': 1.0, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'crop_pct': 1.0, 'crop_mode': 'center', 'interpolation': 'bicubic', 'fixed_input_size': False,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'patch_embed.proj.0.0', 'classifier': 'head',
         'paper_ids': 'arXiv:2303.11126', 'origin_url': 'https://github.com/guoyongcs/TAPADL',

@@ -471,9 +471,11 @@ def _create_rvt(variant: str, pretrained: bool = False, **kwargs) -> RVT:
 
 
 def _cfg(url: str = '', **kwargs) -> Dict:
+    # official eval (TAPADL_RVT/datasets.py build_transform): Resize(int(256 / 224 * 224), bicubic) (shorter side) ->
+    # CenterCrop(224), i.e. timm's 'center' mode at crop_pct 0.875
     return {
         'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'crop_pct': 0.875, 'crop_mode': 'center', 'interpolation': 'bicubic', 'fixed_input_size': False,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'patch_embed.proj.0', 'classifier': 'head',
         'paper_ids': 'arXiv:2303.11126', 'origin_url': 'https://github.com/guoyongcs/TAPADL',

@@ -632,9 +632,11 @@ def _create_sparsifiner(variant: str, pretrained: bool = False, **kwargs) -> Spa
 
 
 def _cfg(url: str = '', **kwargs) -> Dict:
+    # official eval (src/datasets.py build_transform, crop_pct None -> 224 / 256): Resize(int(224 / crop_pct),
+    # bicubic) (shorter side) -> CenterCrop(224), i.e. timm's 'center' mode
     return {
         'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'crop_pct': 0.875, 'crop_mode': 'center', 'interpolation': 'bicubic', 'fixed_input_size': False,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'first_conv': 'patch_embed.proj', 'classifier': 'head',
         'paper_ids': 'arXiv:2303.13755', 'origin_url': 'https://github.com/lim142857/Sparsifiner',
