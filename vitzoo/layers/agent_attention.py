@@ -85,6 +85,12 @@ def resize_agent_grid(bias: torch.Tensor, old_hw: Tuple[int, int], new_hw: Tuple
     return x.to(bias.dtype).reshape(*shape[:-1], new_hw[0] * new_hw[1]).movedim(-1, dim)
 
 
+@torch.compiler.assume_constant_result
+def _num_threads() -> int:
+    # torch.get_num_threads() cannot be traced by torch.compile; the thread count is fixed for a compiled graph's life
+    return torch.get_num_threads()
+
+
 def agent_attention(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -116,7 +122,7 @@ def agent_attention(
     # The CPU flash kernel parallelises over (batch, head, query block); the aggregation stage has only n_a queries
     # (one block), so with fewer (batch x head) items than threads it runs on one core over all N keys — several
     # times slower than the GEMM path, which parallelises over N. Use SDPA there only when it can fill the cores.
-    fused1 = fused and (q.device.type != 'cpu' or B * H >= torch.get_num_threads())
+    fused1 = fused and (q.device.type != 'cpu' or B * H >= _num_threads())
     if fused1:
         agent_v = F.scaled_dot_product_attention(agents, k, v, attn_mask=bias1, dropout_p=dropout_p, scale=scale)
     else:
