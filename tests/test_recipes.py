@@ -5,6 +5,238 @@ deliberate differences are ``deviations`` rows there and in ``configs/README.md`
 """
 
 # ---- training recipes: tools/train.py --print-recipe vs configs/official/train_*.yaml ----------------------------
+import importlib.util as _train_importlib_util  # noqa: E402
+import pathlib as _train_pathlib  # noqa: E402
+
+import pytest as _train_pytest  # noqa: E402
+
+_TRAIN_ROOT = _train_pathlib.Path(__file__).resolve().parents[1]
+_TRAIN_CONFIGS = _TRAIN_ROOT / 'configs' / 'train'
+
+
+def _train_tool():
+    """tools/train.py as a module (run in-process: one timm import for all the configs)."""
+    path = _TRAIN_ROOT / 'tools' / 'train.py'
+    spec = _train_importlib_util.spec_from_file_location('vitzoo_train_tool_recipes', path)
+    module = _train_importlib_util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _train_entries() -> list:
+    """[(official table file name, config stem, entry)] over every configs/official/train_*.yaml."""
+    import yaml
+    return [(path.name, stem, entry) for path in sorted((_TRAIN_ROOT / 'configs' / 'official').glob('train_*.yaml'))
+            for stem, entry in (yaml.safe_load(path.read_text()) or {}).items()]
+
+
+def _train_tables() -> dict:
+    """{config stem: (official table file name, entry)}."""
+    return {stem: (table, entry) for table, stem, entry in _train_entries()}
+
+
+def _train_readme_rows() -> set:
+    """(config, key) of the configs/README.md "Training recipes" table."""
+    text = (_TRAIN_ROOT / 'configs' / 'README.md').read_text()
+    section = text.split('### Training recipes', 1)[1].split('\n#', 1)[0]
+    rows = [[c.strip().strip('`') for c in line.strip().strip('|').split('|')]
+            for line in section.splitlines() if line.strip().startswith('|')]
+    return {(r[0], r[1]) for r in rows[2:] if len(r) >= 2}  # skip the header and the |---| line
+
+
+def _train_flat(d: dict, prefix: str = '') -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_train_flat(v, f'{prefix}{k}.'))
+        else:
+            out[f'{prefix}{k}'] = v
+    return out
+
+
+def _train_same(got, want) -> bool:
+    if isinstance(want, bool) or isinstance(got, bool) or want is None or got is None:
+        return got is want
+    if isinstance(want, (list, tuple)):
+        return isinstance(got, (list, tuple)) and len(got) == len(want) and all(map(_train_same, got, want))
+    if isinstance(want, (int, float)) and isinstance(got, (int, float)):
+        return got == _train_pytest.approx(want, rel=1e-9, abs=0)
+    return got == want
+
+
+@_train_pytest.fixture(scope='module')
+def train_tool():
+    return _train_tool()
+
+
+def _print_recipe(tool, capsys, argv) -> dict:
+    """Run ``train.py ARGV --print-recipe`` in-process; the printed text must be the one JSON object returned."""
+    import json
+    capsys.readouterr()
+    recipe = tool.main([*argv, '--print-recipe'])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(json.dumps(recipe))
+    return printed
+
+
+def test_train_every_config_has_an_official_entry():
+    tables = _train_tables()
+    stems = [stem for _, stem, _ in _train_entries()]
+    assert sorted({s for s in stems if stems.count(s) > 1}) == [], 'configs with entries in two official tables'
+    configs = {p.stem for p in _TRAIN_CONFIGS.glob('*.yaml') if not p.stem.startswith('demo_')}
+    assert len(configs) >= 30
+    assert sorted(configs - set(tables)) == [], 'configs/train files without a configs/official/train_*.yaml entry'
+    assert sorted(set(tables) - configs) == [], 'official entries without a configs/train file'
+    readme = _train_readme_rows()
+    for stem, (table, entry) in tables.items():
+        assert '@' in entry.get('source', '') and '/' in entry['source'], f'{table}: {stem}: source repo@commit: file'
+        assert ('official' in entry) != ('no_official' in entry), f'{table}: {stem}: official or no_official'
+        if 'no_official' in entry:
+            assert entry['no_official'].strip(), f'{stem}: no_official must say why'
+            assert (stem, '—') in readme, f'{stem} has no official recipe but configs/README.md has no row for it'
+        else:
+            assert isinstance(entry.get('world_size'), int) and entry['world_size'] >= 1, stem
+
+
+@_train_pytest.mark.parametrize('stem', sorted(_train_tables()))
+def test_train_recipe_equals_the_official_table(stem, train_tool, capsys):
+    table, entry = _train_tables()[stem]
+    if 'official' not in entry:  # a size the authors never trained: checked by the README row above
+        return
+    recipe = _train_flat(_print_recipe(train_tool, capsys, ['-c', str(_TRAIN_CONFIGS / f'{stem}.yaml'),
+                                                            '--world-size', str(entry['world_size'])]))
+    deviations = entry.get('deviations') or {}
+    readme = _train_readme_rows()
+    assert set(deviations) <= set(entry['official']), f'{table}: {stem}: deviations of keys not in official'
+    wrong = []
+    for key, want in entry['official'].items():
+        if key in deviations:
+            assert deviations[key].get('reason'), f'{stem}.{key}: a deviation needs a reason'
+            assert (stem, key) in readme, f'{stem}.{key} deviates but configs/README.md has no row for it'
+            want = deviations[key]['ours']
+        assert key in recipe, f'{stem}: --print-recipe has no {key!r}'
+        if not _train_same(recipe[key], want):
+            wrong.append(f'{key}: printed {recipe[key]!r}, {table} wants {want!r}')
+    assert not wrong, f'{stem}: ' + '; '.join(wrong)
+
+
+def test_train_print_recipe_cli_touches_no_data(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    data = tmp_path / 'no_such_dir'
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(_TRAIN_ROOT))
+    # the demo config generates its data set on a run: --print-recipe must not
+    res = subprocess.run([sys.executable, str(_TRAIN_ROOT / 'tools' / 'train.py'), '-c',
+                          str(_TRAIN_CONFIGS / 'demo_agent_deit.yaml'), '--data-dir', str(data), '--print-recipe',
+                          '--world-size', '3'], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    recipe = json.loads(res.stdout)
+    assert not data.exists() and list(tmp_path.iterdir()) == []
+    required = {'model', 'global_batch', 'lr', 'warmup_lr', 'min_lr', 'weight_decay', 'epochs', 'warmup_epochs',
+                'cooldown_epochs', 'sched_on_updates', 'clip_grad', 'drop_path', 'model_ema', 'model_ema_decay',
+                'init', 'eval', 'opt', 'sched', 'img_size', 'batch_size'}
+    assert required <= set(recipe), sorted(required - set(recipe))
+    assert set(recipe['eval']) >= {'crop_pct', 'crop_mode', 'interpolation'}
+    assert (recipe['model'], recipe['batch_size'], recipe['global_batch'], recipe['init']) == (
+        'agent_deit_tiny', 64, 192, 'scratch')
+    assert recipe['eval']['crop_pct'] == 1.0  # the config's crop_pct wins over the model cfg
+
+
+def test_train_world_size_scales_lr_warmup_lr_and_min_lr(train_tool, capsys):
+    from vitzoo.train_utils import TrainError
+    cfg = ['-c', str(_TRAIN_CONFIGS / 'agent_pvt_tiny.yaml')]
+    r8 = _print_recipe(train_tool, capsys, cfg + ['--world-size', '8'])
+    r4 = _print_recipe(train_tool, capsys, cfg + ['--world-size', '4'])
+    assert r4['global_batch'] * 2 == r8['global_batch'] == 1024
+    for key in ('lr', 'warmup_lr', 'min_lr'):
+        assert r4[key] == _train_pytest.approx(r8[key] / 2, rel=1e-12), key
+    assert r8['lr'] == _train_pytest.approx(5e-4 * 1024 / 512, rel=1e-12)
+    # a per-process batch change scales the same way
+    r8b = _print_recipe(train_tool, capsys, cfg + ['--world-size', '8', '-b', '32'])
+    assert r8b['lr'] == _train_pytest.approx(r8['lr'] / 4, rel=1e-12)
+    # absolute values win and are not scaled; the others still are
+    ra = _print_recipe(train_tool, capsys, cfg + ['--world-size', '4', '--lr', '3e-4', '--min-lr', '1e-6'])
+    assert (ra['lr'], ra['min_lr']) == (3e-4, 1e-6)
+    assert ra['warmup_lr'] == _train_pytest.approx(r4['warmup_lr'], rel=1e-12)
+    # the world size of a real run comes from torchrun
+    with _train_pytest.raises(TrainError, match='--world-size is only for --print-recipe'):
+        train_tool.main(cfg + ['--world-size', '2', '--data-dir', '/nonexistent'])
+    # a fine-tune recipe says so, and a run without the weights is refused before touching data
+    ft = ['-c', str(_TRAIN_CONFIGS / 'agent_swin_base_384.yaml')]
+    assert _print_recipe(train_tool, capsys, ft)['init'] == 'initial-checkpoint'
+    with _train_pytest.raises(TrainError, match='fine-tunes given weights: give --initial-checkpoint'):
+        train_tool.main(ft + ['--data-dir', '/nonexistent'])
+
+
+def _official_agent_lr(t: int, lr: float, warmup_lr: float, min_lr: float, warmup_t: int, t_initial: int) -> float:
+    """lr at iteration t of the official Agent schedule: lr_scheduler.py's timm 0.4.12 CosineLRScheduler with
+    t_initial = EPOCHS * iters, warmup_t = WARMUP_EPOCHS * iters, warmup_prefix False, cycle_limit 1 (min_lr after
+    t_initial, i.e. during the COOLDOWN_EPOCHS), written out."""
+    import math
+    if t < warmup_t:
+        return warmup_lr + t * (lr - warmup_lr) / warmup_t
+    if t < t_initial:
+        return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t / t_initial))
+    return min_lr
+
+
+@_train_pytest.mark.parametrize('stem', ['agent_pvt_tiny', 'agent_swin_base_384', 'agent_cswin_base_384'])
+def test_train_agent_schedule_equals_the_official_curve(stem, train_tool):
+    """The optimizer and scheduler _train builds (tiny model, no data), stepped as _train steps them, give the
+    official per-iteration curve: warmup, cosine over EPOCHS (warmup inside), then COOLDOWN_EPOCHS at min_lr."""
+    import torch
+    args = train_tool.parse_args(['-c', str(_TRAIN_CONFIGS / f'{stem}.yaml')])
+    args.world_size = 8
+    recipe = train_tool.resolve_recipe(args)
+    iters = 3  # updates per epoch
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    optimizer = train_tool.build_optimizer(model, args, recipe['lr'])
+    assert len(optimizer.param_groups) == 2  # weights decay, biases / norms do not (official set_weight_decay)
+    assert sorted(g['weight_decay'] for g in optimizer.param_groups) == [0.0, args.weight_decay]
+    scheduler, num_epochs = train_tool.build_scheduler(optimizer, args, recipe, iters)
+    assert num_epochs == recipe['epochs'] == args.epochs + args.cooldown_epochs
+    lrs, num_updates = [], 0
+    for epoch in range(num_epochs):  # the calls _train makes, in its order
+        scheduler.step(epoch)
+        scheduler.step_update(num_updates)
+        for _ in range(iters):
+            lrs.append(optimizer.param_groups[0]['lr'])
+            num_updates += 1
+            scheduler.step_update(num_updates)
+        scheduler.step(epoch + 1, 0.0)
+    warmup_t, t_initial = args.warmup_epochs * iters, args.epochs * iters
+    assert len(lrs) == (args.epochs + args.cooldown_epochs) * iters
+    # update k uses the official f(k); the official main.py applies f(k - 1) (it steps with the index of the
+    # update just done): one update later, noted in configs/README.md
+    for k in sorted({0, 1, max(warmup_t - 1, 0), warmup_t, warmup_t + 1, t_initial // 2, t_initial - 1,
+                     min(t_initial, len(lrs) - 1), len(lrs) - 1}):
+        want = _official_agent_lr(k, recipe['lr'], recipe['warmup_lr'], recipe['min_lr'], warmup_t, t_initial)
+        assert lrs[k] == _train_pytest.approx(want, rel=1e-9), (stem, k)
+    assert all(v == _train_pytest.approx(recipe['min_lr'], rel=1e-9) for v in lrs[t_initial:])  # the cooldown
+    assert max(lrs) <= recipe['lr'] * (1 + 1e-9) and min(lrs) >= min(recipe['min_lr'], recipe['warmup_lr']) * (1 - 1e-9)
+
+
+def test_train_run_uses_the_printed_recipe(train_tool, capsys, tmp_path):
+    """A real (tiny) run writes recipe.json equal to --print-recipe, and its val transform is the recipe's."""
+    import json
+    from vitzoo.data.shapes import write_image_folder
+    data = write_image_folder(tmp_path / 'shapes', num_train=16, num_val=8, num_classes=2, img_size=40, seed=0,
+                              progress=False)
+    argv = ['--data-dir', str(data), '--model', 'agent_deit_tiny', '--img-size', '32', '--model-kwargs',
+            'patch_size=8', 'embed_dim=32', 'depth=1', 'num_heads=2', 'agent_num=4', '--threads', '1', '-j', '0',
+            '-b', '8', '--epochs', '1', '--warmup-epochs', '1', '--sched-on-updates', '--lr-base', '2e-3',
+            '--warmup-lr-base', '2e-5', '--min-lr-base', '1e-4', '--lr-base-size', '16', '--crop-mode', 'squash',
+            '--crop-pct', '0.8', '--no-aug', '--output', str(tmp_path), '--experiment', 'run']
+    printed = _print_recipe(train_tool, capsys, argv)
+    assert (printed['lr'], printed['warmup_lr'], printed['min_lr']) == (1e-3, 1e-5, 5e-5)  # batch 8 of 16
+    train_tool.main(argv)
+    assert json.loads((tmp_path / 'run' / 'recipe.json').read_text()) == printed
+    # the val transform: Resize((40, 40)) squashed, then CenterCrop(32) (crop_pct 0.8, squash)
+    tf = train_tool.eval_transform(printed)
+    names = [type(t).__name__ for t in tf.transforms]
+    assert names[:2] == ['Resize', 'CenterCrop'] and tf.transforms[0].size in ((40, 40), [40, 40]), tf
 
 
 # ---- evaluation transforms: pretrained cfgs vs configs/official/eval.yaml -----------------------------------------
