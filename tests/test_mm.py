@@ -97,8 +97,10 @@ def test_config_builds_and_runs(path):
         # the official SegFormer recipe: no decay on norms, head lr x10
         assert opt.paramwise_cfg.custom_keys['norm']['decay_mult'] == 0.0
         assert opt.paramwise_cfg.custom_keys['head']['lr_mult'] == 10.0
+    elif cfg.model.backbone.type == 'AgentPVT':
+        assert 'paramwise_cfg' not in opt  # the official PVT configs decay every parameter
     else:
-        # AdamW without decay on norms, position tables and the six agent biases
+        # Swin: AdamW without decay on norms, position tables and the six agent biases
         for k in ('norm', 'relative_position_bias_table', 'an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias',
                   'wa_bias'):
             assert opt.paramwise_cfg.custom_keys[k]['decay_mult'] == 0.0

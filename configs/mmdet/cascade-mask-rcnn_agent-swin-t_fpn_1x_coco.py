@@ -1,5 +1,6 @@
-# Cascade Mask R-CNN + Agent-Swin-T, 1x (12 epochs, steps 8/11): the official agent_swin_t_crcnn_1x_9-12-14-7.py,
-# the same Swin cascade recipe and DETR-style multi-scale augmentation as the 3x configs, drop path 0.1.
+# Cascade Mask R-CNN + Agent-Swin-T, 1x (12 epochs, steps 8/11): LeapLabTHU/Agent-Attention@207ce3e
+# downstream/detection/configs/agent_swin/agent_swin_t_crcnn_1x_9-12-14-7.py, the cascade recipe and multi-scale
+# augmentation of the 3x configs with the 1x schedule.
 _base_ = ['./_base_/agent-swin_cascade-mask-rcnn_fpn_3x_coco.py']
 model = dict(backbone=dict(model_name='agent_swin_tiny', drop_path_rate=0.1))
 

@@ -1,6 +1,8 @@
-# SegFormer head + TAP-FAN-B-Hybrid (TAP + ADL), 160k iterations on Cityscapes 1024x1024: the official TAPADL
-# segmentation recipe (TAPADL_FAN/segmentation, tapadl_fan_hybrid_base.1024x1024.city.160k.py): 4 GPUs x 1 image,
-# AdamW lr 6e-5, wd 0.01 (none on norms), head lr x10, linear warmup 1500 iterations then poly (power 1.0),
+# SegFormer head + TAP-FAN-B-Hybrid (TAP + ADL), 160k iterations on Cityscapes 1024x1024: the official recipe
+# guoyongcs/TAPADL@6e4dbff TAPADL_FAN/segmentation/local_configs/fan/fan_hybrid/
+# tapadl_fan_hybrid_base.1024x1024.city.160k.py
+# (values checked against configs/official/mm.yaml by tests/test_recipes.py): 4 GPUs x 1 image,
+# AdamW lr 6e-5, wd 0.01 (none on norms), head lr x10, poly (power 1.0) with a linear warmup over 1500 iterations,
 # 1024x1024 crops, slide inference 1024 / 768, ADL as `loss_ad` (weight 1, threshold 2).
 # ImageNet init: the released tapadl_fan_base.pth.tar, e.g. --cfg-options model.backbone.pretrained=PATH.
 # Note: the official ADL is exactly 0 with one image per GPU (a squeeze bug, see vitzoo/_mm_seg.py); vitzoo's is not.
@@ -51,12 +53,15 @@ optim_wrapper = dict(
         'pos_block': dict(decay_mult=0.),
         'norm': dict(decay_mult=0.),
         'head': dict(lr_mult=10.)}))
+# mmcv's poly policy with linear warmup: the poly factor (1 - i / 160000) runs from iteration 0 and the warmup factor
+# multiplies it for the first 1500 iterations (overlapping mmengine schedulers multiply)
 param_scheduler = [
     dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=1500),
-    dict(type='PolyLR', eta_min=0.0, power=1.0, begin=1500, end=160000, by_epoch=False),
+    dict(type='PolyLR', eta_min=0.0, power=1.0, begin=0, end=160000, by_epoch=False),
 ]
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=160000, val_interval=4000)
 default_hooks = dict(checkpoint=dict(by_epoch=False, interval=4000))
+# 4 GPUs x 1 image, as the official run (TAPADL_FAN/segmentation/README.md)
 train_dataloader = dict(batch_size=1, num_workers=4)
 val_dataloader = dict(batch_size=1, num_workers=4)
 test_dataloader = val_dataloader

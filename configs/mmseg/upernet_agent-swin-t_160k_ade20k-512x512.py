@@ -1,2 +1,4 @@
+# UperNet + Agent-Swin-T, 160k: LeapLabTHU/Agent-Attention@207ce3e
+# downstream/segmentation/configs/agent_swin/upernet_agent_swin_t_9-12-14-7.py
 _base_ = ['./_base_/agent-swin_upernet_160k_ade20k-512x512.py']
-model = dict(backbone=dict(model_name='agent_swin_tiny', drop_path_rate=0.2))
+model = dict(backbone=dict(model_name='agent_swin_tiny', drop_path_rate=0.3))

@@ -1,4 +1,6 @@
-# Mask R-CNN + Agent-PVT, 1x (12 epochs, steps 8/11), official downstream/detection settings.
+# Mask R-CNN + Agent-PVT, 1x (12 epochs, steps 8/11): LeapLabTHU/Agent-Attention@207ce3e
+# downstream/detection/configs/agent_pvt/agent_pvt_{t,s,m,l}_mrcnn_1x_12-16-28-28.py (mmdet 2.25 -> 3.x syntax, same
+# values; checked against configs/official/mm.yaml by tests/test_recipes.py).
 _base_ = [
     'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
     'mmdet::_base_/datasets/coco_instance.py',
@@ -20,13 +22,10 @@ model = dict(
         pretrained=None),
     neck=dict(in_channels=[64, 128, 320, 512]))
 
-# AdamW lr 2e-4, wd 1e-4; no decay on norms, position tables and the six agent biases
+# AdamW lr 2e-4, wd 1e-4 on every parameter: the official PVT configs set no paramwise_cfg (unlike the Swin ones)
 optim_wrapper = dict(
     _delete_=True,
     type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=2e-4, betas=(0.9, 0.999), weight_decay=1e-4),
-    paramwise_cfg=dict(custom_keys={k: dict(decay_mult=0.) for k in (
-        'absolute_pos_embed', 'pos_embed', 'relative_position_bias_table', 'norm',
-        'an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias')}))
+    optimizer=dict(type='AdamW', lr=2e-4, betas=(0.9, 0.999), weight_decay=1e-4))
 # 8 GPUs x 2 images, as the official runs
 auto_scale_lr = dict(enable=False, base_batch_size=16)

@@ -1,4 +1,6 @@
-# RetinaNet + Agent-PVT, 1x, official downstream/detection settings.
+# RetinaNet + Agent-PVT, 1x (12 epochs, steps 8/11): LeapLabTHU/Agent-Attention@207ce3e
+# downstream/detection/configs/agent_pvt/agent_pvt_{t,s,m,l}_rtn_1x_12-16-28-28.py (mmdet 2.25 -> 3.x syntax, same
+# values; checked against configs/official/mm.yaml by tests/test_recipes.py).
 _base_ = [
     'mmdet::_base_/models/retinanet_r50_fpn.py',
     'mmdet::_base_/datasets/coco_detection.py',
@@ -20,11 +22,10 @@ model = dict(
         pretrained=None),
     neck=dict(in_channels=[64, 128, 320, 512], start_level=1, add_extra_convs='on_input'))
 
+# AdamW lr 1e-4, wd 1e-4 on every parameter (no paramwise_cfg in the official PVT configs)
 optim_wrapper = dict(
     _delete_=True,
     type='OptimWrapper',
-    optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4),
-    paramwise_cfg=dict(custom_keys={k: dict(decay_mult=0.) for k in (
-        'absolute_pos_embed', 'pos_embed', 'relative_position_bias_table', 'norm',
-        'an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias')}))
+    optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4))
+# 8 GPUs x 2 images, as the official runs
 auto_scale_lr = dict(enable=False, base_batch_size=16)

@@ -1,5 +1,7 @@
-# Cascade Mask R-CNN + Agent-Swin, 3x with DETR-style multi-scale augmentation: the Swin cascade recipe
-# (4conv1fc SyncBN box heads, GIoU loss, decoded-box regression).
+# Cascade Mask R-CNN + Agent-Swin, 3x (36 epochs, steps 27/33) with the DETR / Sparse R-CNN multi-scale augmentation
+# and the Swin cascade recipe (4conv1fc SyncBN box heads, GIoU loss, decoded-box regression): LeapLabTHU/Agent-Attention
+# @207ce3e downstream/detection/configs/agent_swin/agent_swin_{t,s,b}_crcnn_3x_9-12-14-7.py (mmdet 2.25 -> 3.x syntax,
+# same values; checked against configs/official/mm.yaml by tests/test_recipes.py).
 _base_ = [
     'mmdet::_base_/models/cascade-mask-rcnn_r50_fpn.py',
     'mmdet::_base_/datasets/coco_instance.py',
@@ -27,7 +29,7 @@ model = dict(
         type='AgentSwinTransformer',
         model_name='agent_swin_tiny',
         img_size=224,
-        drop_path_rate=0.2,
+        drop_path_rate=0.1,
         out_indices=(0, 1, 2, 3),
         downstream_agent_shapes=[(9, 9), (12, 12), (14, 14), (7, 7)],
         # ImageNet checkpoint (official or vitzoo format), e.g. --cfg-options model.backbone.pretrained=PATH
@@ -44,12 +46,15 @@ optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
     paramwise_cfg=dict(custom_keys={k: dict(decay_mult=0.) for k in (
-        'absolute_pos_embed', 'pos_embed', 'relative_position_bias_table', 'norm',
+        'absolute_pos_embed', 'relative_position_bias_table', 'norm',
         'an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias')}))
+# 8 GPUs x 2 images, as the official runs
 auto_scale_lr = dict(enable=False, base_batch_size=16)
 
-# 3x schedule (36 epochs, steps 27/33) with the DETR / Sparse R-CNN multi-scale augmentation of the official Swin
-# configs (mmdet 3.x transform names).
+# The official AutoAugment policies in mmdet 3.x names: RandomChoice of (a) one resize to a random short side
+# 480..800 (long side <= 1333), (b) resize to short side 400/500/600, random crop of 384..600 px, then (a).
+_ms_scales = [(1333, 480), (1333, 512), (1333, 544), (1333, 576), (1333, 608), (1333, 640), (1333, 672),
+              (1333, 704), (1333, 736), (1333, 768), (1333, 800)]
 train_pipeline = [
     dict(type='LoadImageFromFile', backend_args=None),
     dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
@@ -57,17 +62,11 @@ train_pipeline = [
     dict(
         type='RandomChoice',
         transforms=[[
-            dict(type='RandomChoiceResize',
-                 scales=[(1333, 480), (1333, 512), (1333, 544), (1333, 576), (1333, 608), (1333, 640),
-                         (1333, 672), (1333, 704), (1333, 736), (1333, 768), (1333, 800)],
-                 keep_ratio=True)
+            dict(type='RandomChoiceResize', scales=_ms_scales, keep_ratio=True)
         ], [
             dict(type='RandomChoiceResize', scales=[(1333, 400), (1333, 500), (1333, 600)], keep_ratio=True),
             dict(type='RandomCrop', crop_type='absolute_range', crop_size=(384, 600), allow_negative_crop=True),
-            dict(type='RandomChoiceResize',
-                 scales=[(1333, 480), (1333, 512), (1333, 544), (1333, 576), (1333, 608), (1333, 640),
-                         (1333, 672), (1333, 704), (1333, 736), (1333, 768), (1333, 800)],
-                 keep_ratio=True)
+            dict(type='RandomChoiceResize', scales=_ms_scales, keep_ratio=True)
         ]]),
     dict(type='PackDetInputs'),
 ]

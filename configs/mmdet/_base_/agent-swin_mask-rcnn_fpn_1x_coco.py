@@ -1,4 +1,6 @@
-# Mask R-CNN + Agent-Swin, 1x, official downstream/detection settings (AdamW lr 1e-4, wd 0.05).
+# Mask R-CNN + Agent-Swin, 1x (12 epochs, steps 8/11) with the DETR / Sparse R-CNN multi-scale augmentation:
+# LeapLabTHU/Agent-Attention@207ce3e downstream/detection/configs/agent_swin/agent_swin_{t,s}_mrcnn_1x_9-12-14-7.py
+# (mmdet 2.25 -> 3.x syntax, same values; checked against configs/official/mm.yaml by tests/test_recipes.py).
 _base_ = [
     'mmdet::_base_/models/mask-rcnn_r50_fpn.py',
     'mmdet::_base_/datasets/coco_instance.py',
@@ -20,11 +22,35 @@ model = dict(
         pretrained=None),
     neck=dict(in_channels=[96, 192, 384, 768]))
 
+# AdamW lr 1e-4, wd 0.05; no decay on the official custom_keys (norms, the absolute / relative position tables and
+# the six agent biases)
 optim_wrapper = dict(
     _delete_=True,
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=1e-4, betas=(0.9, 0.999), weight_decay=0.05),
     paramwise_cfg=dict(custom_keys={k: dict(decay_mult=0.) for k in (
-        'absolute_pos_embed', 'pos_embed', 'relative_position_bias_table', 'norm',
+        'absolute_pos_embed', 'relative_position_bias_table', 'norm',
         'an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias')}))
+# 8 GPUs x 2 images, as the official runs
 auto_scale_lr = dict(enable=False, base_batch_size=16)
+
+# The official AutoAugment policies in mmdet 3.x names: RandomChoice of (a) one resize to a random short side
+# 480..800 (long side <= 1333), (b) resize to short side 400/500/600, random crop of 384..600 px, then (a).
+_ms_scales = [(1333, 480), (1333, 512), (1333, 544), (1333, 576), (1333, 608), (1333, 640), (1333, 672),
+              (1333, 704), (1333, 736), (1333, 768), (1333, 800)]
+train_pipeline = [
+    dict(type='LoadImageFromFile', backend_args=None),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(
+        type='RandomChoice',
+        transforms=[[
+            dict(type='RandomChoiceResize', scales=_ms_scales, keep_ratio=True)
+        ], [
+            dict(type='RandomChoiceResize', scales=[(1333, 400), (1333, 500), (1333, 600)], keep_ratio=True),
+            dict(type='RandomCrop', crop_type='absolute_range', crop_size=(384, 600), allow_negative_crop=True),
+            dict(type='RandomChoiceResize', scales=_ms_scales, keep_ratio=True)
+        ]]),
+    dict(type='PackDetInputs'),
+]
+train_dataloader = dict(dataset=dict(pipeline=train_pipeline))
