@@ -234,6 +234,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, 
         step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
 
 
+def eval_transform(recipe: Dict):
+    """The validation transform of a resolved recipe (its ``eval`` crop_pct / crop_mode / interpolation)."""
+    ev = recipe['eval']
+    return create_transform(recipe['img_size'], is_training=False, interpolation=ev['interpolation'],
+                            mean=tuple(recipe['mean']), std=tuple(recipe['std']), crop_pct=ev['crop_pct'],
+                            crop_mode=ev['crop_mode'])
+
+
 def resolve_recipe(args: argparse.Namespace) -> Dict:
     """The recipe a run with ``args`` trains with, as a JSON-able dict.
 
@@ -549,7 +557,6 @@ def _train(args: argparse.Namespace, is_main: bool) -> Dict:
     img_size = recipe['img_size']
     mean, std = tuple(recipe['mean']), tuple(recipe['std'])
     interp = recipe['interpolation']
-    crop_pct, crop_mode = recipe['eval']['crop_pct'], recipe['eval']['crop_mode']
     if args.no_aug:
         train_tf = create_transform(img_size, is_training=False, interpolation=interp, mean=mean, std=std, crop_pct=1.)
     else:
@@ -558,8 +565,7 @@ def _train(args: argparse.Namespace, is_main: bool) -> Dict:
                                     auto_augment=args.aa, interpolation=interp, mean=mean, std=std,
                                     re_prob=args.reprob, re_mode=args.remode)
     train_set.transform = train_tf
-    val_set.transform = create_transform(img_size, is_training=False, interpolation=recipe['eval']['interpolation'],
-                                         mean=mean, std=std, crop_pct=crop_pct, crop_mode=crop_mode)
+    val_set.transform = eval_transform(recipe)
 
     mixup = None
     if args.mixup > 0 or args.cutmix > 0:
