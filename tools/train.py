@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--epochs', type=int, default=300, help='schedule length (warmup included); the run trains '
                                                             '--epochs + --cooldown-epochs')
     g.add_argument('--warmup-epochs', type=int, default=5)
+    g.add_argument('--warmup-prefix', action='store_true',
+                   help='warmup precedes the --epochs decay instead of being part of it (timm); the run trains '
+                        '--warmup-epochs + --epochs + --cooldown-epochs')
     g.add_argument('--warmup-lr', type=float, default=None,
                    help='warmup start lr (default: --warmup-lr-base scaled by batch, else 1e-6)')
     g.add_argument('--warmup-lr-base', type=float, default=None, help='warmup lr at --lr-base-size global batch')
@@ -117,6 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--no-aug', action='store_true', help='no training augmentation (resize + center crop)')
     g.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], help='random-resized-crop scale range')
     g.add_argument('--ratio', type=float, nargs=2, default=[3. / 4., 4. / 3.])
+    g.add_argument('--train-crop-mode', default='rrc',
+                   help="training crop: timm's 'rrc' (random-resized crop, --scale / --ratio), 'rkrc', 'rkrr', or "
+                        "'squash': Resize((--train-resize, --train-resize)) then RandomCrop(--img-size), the SAT "
+                        'recipe')
+    g.add_argument('--train-resize', type=int, default=None,
+                   help="--train-crop-mode squash: the square size resized to before the random crop")
+    g.add_argument('--train-interpolation', default='',
+                   help="training resize interpolation, 'random' for timm's per-image bilinear / bicubic choice "
+                        '(default: --interpolation)')
     g.add_argument('--hflip', type=float, default=0.5)
     g.add_argument('--vflip', type=float, default=0.0)
     g.add_argument('--color-jitter', type=float, default=0.4)
@@ -231,7 +243,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, args: argparse.Namespace, 
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
         decay_rate=args.decay_rate, min_lr=recipe['min_lr'], warmup_lr=recipe['warmup_lr'],
         warmup_epochs=args.warmup_epochs, cooldown_epochs=args.cooldown_epochs,
-        step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch)
+        step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch,
+        warmup_prefix=args.warmup_prefix)
 
 
 def eval_transform(recipe: Dict):
@@ -240,6 +253,67 @@ def eval_transform(recipe: Dict):
     return create_transform(recipe['img_size'], is_training=False, interpolation=ev['interpolation'],
                             mean=tuple(recipe['mean']), std=tuple(recipe['std']), crop_pct=ev['crop_pct'],
                             crop_mode=ev['crop_mode'])
+
+
+_METHOD_KEYS = {
+    'adl': ('adl_weight', 'adl_threshold'),
+    'sat': ('area_thr', 'area_weight', 'norm_weight'),
+    'sparsifiner': ('sparsifiner_phase', 'attn_recon_weight', 'attn_recon_reduction', 'cls_distill_weight',
+                    'token_distill_weight'),
+}
+_TRAIN_CROP_MODES = ('rrc', 'rkrc', 'rkrr', 'squash')
+
+
+def _transform_and_method_recipe(args: argparse.Namespace, recipe: Dict) -> Dict:
+    """Recipe entries of the training transform, the warmup placement and the method loss (its own flags only)."""
+    mode = args.train_crop_mode
+    if mode not in _TRAIN_CROP_MODES:
+        raise TrainError(f'--train-crop-mode must be one of {", ".join(_TRAIN_CROP_MODES)}, got {mode!r}')
+    train_interp = args.train_interpolation or recipe['interpolation']
+    if mode == 'squash':
+        if not args.train_resize or args.train_resize < recipe['img_size']:
+            raise TrainError(f'--train-crop-mode squash needs --train-resize >= the image size {recipe["img_size"]} '
+                             f'(e.g. 256 for 224), got {args.train_resize}')
+        if train_interp == 'random':
+            raise TrainError("--train-crop-mode squash resizes with one interpolation: --train-interpolation "
+                             "'random' is for the random-resized crop")
+    out = dict(train_crop_mode=mode, train_resize=args.train_resize if mode == 'squash' else None,
+               train_interpolation=train_interp, warmup_prefix=bool(args.warmup_prefix))
+    out.update({k: getattr(args, k) for k in _METHOD_KEYS.get(recipe['method'], ())})
+    if recipe['method'] == 'sparsifiner':
+        out['teacher'] = args.teacher or 'student, dense'
+        out['teacher_init'] = ('teacher-checkpoint' if args.teacher_checkpoint else
+                               'initial-checkpoint' if args.initial_checkpoint or args.require_initial_checkpoint else
+                               'pretrained' if args.teacher_pretrained else 'random')
+    return out
+
+
+def build_train_transform(args: argparse.Namespace, recipe: Dict):
+    """The training transform of the recipe: timm's (``rrc`` / ``rkrc`` / ``rkrr``) or SAT's ``squash`` pipeline.
+
+    ``squash`` is the official SAT training transform (``DataLoader/CUB_200_2011.py`` and ``ILSVRC.py``):
+    ``Resize((s, s))`` (aspect-distorting) -> ``RandomCrop(img_size)`` -> ``RandomHorizontalFlip`` -> ``ToTensor`` ->
+    ``Normalize``; any colour augmentation / random erasing the flags ask for follows as in timm's pipeline.
+    """
+    img_size, mean, std = recipe['img_size'], tuple(recipe['mean']), tuple(recipe['std'])
+    if args.no_aug:
+        return create_transform(img_size, is_training=False, interpolation=recipe['interpolation'], mean=mean,
+                                std=std, crop_pct=1.)
+    interp, mode = recipe['train_interpolation'], recipe['train_crop_mode']
+    kw = dict(scale=tuple(args.scale), ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip,
+              color_jitter=args.color_jitter, auto_augment=args.aa, interpolation=interp, mean=mean, std=std,
+              re_prob=args.reprob, re_mode=args.remode)
+    if mode != 'squash':
+        return create_transform(img_size, is_training=True, train_crop_mode=mode, **kw)
+    from torchvision import transforms as T
+    from timm.data.transforms import str_to_interp_mode
+    kw['color_jitter'] = args.color_jitter or None  # no ColorJitter(0, 0, 0): it would still draw random numbers
+    _, colour, final = create_transform(img_size, is_training=True, separate=True, **kw)
+    size = recipe['train_resize']
+    crop = [T.Resize((size, size), interpolation=str_to_interp_mode(interp)), T.RandomCrop(img_size)]
+    crop += [T.RandomHorizontalFlip(args.hflip)] if args.hflip > 0 else []
+    crop += [T.RandomVerticalFlip(args.vflip)] if args.vflip > 0 else []
+    return T.Compose(crop + list(colour.transforms) + list(final.transforms))
 
 
 def resolve_recipe(args: argparse.Namespace) -> Dict:
@@ -294,6 +368,7 @@ def resolve_recipe(args: argparse.Namespace) -> Dict:
         eval=dict(crop_pct=args.crop_pct or cfg.get('crop_pct') or 0.875,
                   crop_mode=args.crop_mode or cfg.get('crop_mode') or 'center', interpolation=interp),
         method=method_of(args.model) if args.method == 'auto' else args.method, seed=args.seed)
+    recipe.update(_transform_and_method_recipe(args, recipe))
     if recipe['eval']['crop_mode'] not in ('center', 'squash', 'border'):
         raise TrainError(f"--crop-mode must be 'center', 'squash' or 'border', got {recipe['eval']['crop_mode']!r}")
 
@@ -555,16 +630,7 @@ def _train(args: argparse.Namespace, is_main: bool) -> Dict:
     train_set, val_set = build_datasets(args)
     model = create_model(args)
     img_size = recipe['img_size']
-    mean, std = tuple(recipe['mean']), tuple(recipe['std'])
-    interp = recipe['interpolation']
-    if args.no_aug:
-        train_tf = create_transform(img_size, is_training=False, interpolation=interp, mean=mean, std=std, crop_pct=1.)
-    else:
-        train_tf = create_transform(img_size, is_training=True, scale=tuple(args.scale), ratio=tuple(args.ratio),
-                                    hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
-                                    auto_augment=args.aa, interpolation=interp, mean=mean, std=std,
-                                    re_prob=args.reprob, re_mode=args.remode)
-    train_set.transform = train_tf
+    train_set.transform = build_train_transform(args, recipe)
     val_set.transform = eval_transform(recipe)
 
     mixup = None
