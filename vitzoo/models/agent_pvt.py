@@ -316,7 +316,7 @@ class AgentPVT(nn.Module):
         self.attn_type = attn_type[:num_stages]
         self.grad_checkpointing = False
 
-        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device='cpu').split(list(depths))]
         stages = []
         in_chs, size, stride = in_chans, img_size, 1
         self.feature_info = []
