@@ -340,3 +340,109 @@ def test_write_cli_resumes_and_imagenet_r_subset(tool, data, tmp_path, monkeypat
     with pytest.raises(SystemExit, match='not among the 200 imagenet-r wnids'):
         tool.main(['--subset', 'imagenet-r', '--data-dir', str(root), '--model', 'test_vit', '--img-size', '32',
                    '-j', '0', '--no-progress', '--device', 'cpu'])
+
+
+# ---- preprocessing: clean / -A / -R use the model's own eval transform (crop_pct, crop_mode, interpolation) -------
+def _odd_images(root, classes, size=(57, 41)):
+    """One non-square image per class folder (squash and center modes give different crops)."""
+    rng = np.random.RandomState(3)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        Image.fromarray(rng.randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(root / c / 'x.png')
+    return scan_image_folder(root)[1]
+
+
+class _Recorder(torch.nn.Module):
+    """Returns constant logits and keeps every input batch."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.num_classes, self.seen = num_classes, []
+
+    def forward(self, x):
+        self.seen.append(x.clone())
+        return torch.zeros(x.shape[0], self.num_classes)
+
+
+def _reference(resize, crop, interp, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+    from torchvision import transforms as T
+    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode(interp)), T.CenterCrop(crop), T.ToTensor(),
+                      T.Normalize(mean, std)])
+
+
+@pytest.mark.parametrize('name', ['agent_deit_small', 'agent_swin_small_288', 'tap_fan_base_16_p4_hybrid',
+                                  'tap_rvt_base_plus', 'sat_deit_small', 'test_vit'])
+def test_model_eval_transform_equals_timm_create_transform(tool, name):
+    import timm
+    from timm.data import create_transform, resolve_data_config
+    cfg = timm.get_pretrained_cfg(name)
+    d = resolve_data_config({}, pretrained_cfg=cfg.to_dict())
+    ours, desc = tool.model_eval_transform(d['input_size'][-1], d['crop_pct'], d['crop_mode'], d['interpolation'],
+                                           d['mean'], d['std'])
+    assert desc.startswith(d['crop_mode'])
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 256, (301, 457, 3), dtype=np.uint8))
+    for im in (img, img.transpose(Image.Transpose.TRANSPOSE)):
+        assert torch.equal(ours(im), create_transform(**d)(im)), name
+    for mode in ('center', 'border'):  # every mode is timm's, also when overridden
+        ours, _ = tool.model_eval_transform(d['input_size'][-1], d['crop_pct'], mode, d['interpolation'], d['mean'],
+                                            d['std'])
+        assert torch.equal(ours(img), create_transform(**dict(d, crop_mode=mode))(img)), (name, mode)
+    with pytest.raises(ImageNetCError, match='crop mode'):
+        tool.model_eval_transform(224, 0.875, 'warp', 'bicubic', d['mean'], d['std'])
+    with pytest.raises(ImageNetCError, match='crop-pct'):
+        tool.model_eval_transform(224, 1.5, 'center', 'bicubic', d['mean'], d['std'])
+
+
+def test_subset_and_clean_images_go_through_the_model_transform(tool, data, tmp_path, monkeypatch):
+    wnids, _ = imagenet_subset_info('imagenet-r')
+    root = tmp_path / 'imagenet-r'
+    samples = _odd_images(root, [wnids[0], wnids[7]], size=(301, 233))
+    rec = _Recorder(1000)
+    monkeypatch.setattr(tool, '_create_model', lambda *a, **kw: rec)
+    base = ['--subset', 'imagenet-r', '--data-dir', str(root), '-j', '0', '--no-progress', '--device', 'cpu']
+    imgs = [Image.open(p).convert('RGB') for p, _ in samples]
+
+    def seen_equals(ref):
+        x = torch.cat(rec.seen)
+        rec.seen.clear()
+        assert torch.allclose(x, torch.stack([ref(im) for im in imgs]), rtol=0, atol=1e-6)
+
+    # Agent: the official squash, Resize((256, 256)) -> CenterCrop(224), bicubic
+    res = tool.main(base + ['--model', 'agent_deit_small'])
+    seen_equals(_reference((256, 256), 224, 'bicubic'))
+    assert res['protocol'] == 'model' and res['protocol_description'].startswith('squash: Resize((256, 256), bicubic)')
+    # Agent-Swin-S-288 (TEST.CROP False): Resize((288, 288)) only
+    tool.main(base + ['--model', 'agent_swin_small_288'])
+    seen_equals(_reference((288, 288), 288, 'bicubic'))
+    # TAP-FAN (crop_pct 1.0, aspect kept) and TAP-RVT (Resize(256) of the shorter side)
+    tool.main(base + ['--model', 'tap_fan_base_16_p4_hybrid'])
+    seen_equals(_reference(224, 224, 'bicubic'))
+    tool.main(base + ['--model', 'tap_rvt_base_plus'])
+    seen_equals(_reference(256, 224, 'bicubic'))
+    # the flags override the cfg
+    tool.main(base + ['--model', 'agent_deit_small', '--crop-mode', 'center', '--crop-pct', '1.0', '--interpolation',
+                      'bilinear'])
+    seen_equals(_reference(224, 224, 'bilinear'))
+    tool.main(base + ['--model', 'agent_deit_small', '--resize', '240'])
+    seen_equals(_reference((240, 240), 224, 'bicubic'))
+    with pytest.raises(SystemExit, match='crop-pct'):
+        tool.main(base + ['--model', 'agent_deit_small', '--crop-pct', '0'])
+
+    # ImageNet-C: clean images through the model transform, the released images through CenterCrop only
+    classes = sorted(os.listdir(data / 'tree' / 'fog' / '1'))
+    clean = _odd_images(tmp_path / 'clean', classes, size=(47, 37))
+    rec4 = _Recorder(NUM_CLASSES)
+    monkeypatch.setattr(tool, '_create_model', lambda *a, **kw: rec4)
+    res = tool.main(['--data-dir', str(data / 'tree'), '--corruptions', 'fog', '--severities', '1', '--clean-dir',
+                     str(tmp_path / 'clean'), '--model', 'agent_deit_small', '--img-size', '32', '-j', '0', '-b', '4',
+                     '--no-progress', '--device', 'cpu'])
+    n_clean = len(clean)
+    x = torch.cat(rec4.seen)
+    ref = _reference((36, 36), 32, 'bicubic')  # floor(32 / 0.875) = 36, squash
+    assert torch.allclose(x[:n_clean], torch.stack([ref(Image.open(p).convert('RGB')) for p, _ in clean]), atol=1e-6)
+    _, cell = scan_image_folder(data / 'tree' / 'fog' / '1')
+    crop_only = _reference(32, 32, 'bicubic')  # a 32x32 image: Resize(32) is the identity, so this is CenterCrop
+    assert torch.allclose(x[n_clean:], torch.stack([crop_only(Image.open(p).convert('RGB')) for p, _ in cell]),
+                          atol=1e-6)
+    assert res['clean_transform'].startswith('squash: Resize((36, 36), bicubic)')
+    assert res['protocol_description'].startswith('hendrycks') and 'CenterCrop(32)' in res['protocol_description']

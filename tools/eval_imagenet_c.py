@@ -15,12 +15,22 @@ Modes:
                     restricted to the 200 classes (wnid list and 1k indices from timm's data/_info files).
   compare           --compare a.json b.json ... --output DIR: bar chart of CE per corruption (DIR/ce_compare.png).
 
-Preprocessing (the summary's "protocol" field says which one produced a number):
-  --protocol crop   (default, hendrycks/robustness ImageNet-C/test.py) CenterCrop(--img-size) only: ImageNet-C images
-                    are already 224x224, so this evaluates the released pixels unchanged.
-  --protocol resize (google-research/augmix) Resize(--resize, default 256/224 * img-size) -> CenterCrop(--img-size).
-  Clean images (--clean-dir, ImageNet-A/-R) use the model's usual protocol: Resize(--resize) -> CenterCrop(--img-size)
-  with the model cfg's interpolation. Mean/std come from the model cfg.
+Preprocessing (summary.json records the transform behind every number: "protocol_description", "clean_transform"):
+  ImageNet-C images --protocol crop (default): CenterCrop(--img-size) only, the released 224x224 pixels unchanged. This
+                    is hendrycks/robustness ImageNet-C/test.py and what the official TAPADL evaluations do (RVT
+                    engine.py eval_inc: CenterCrop(224); FAN validate_ood.py: timm's loader at crop_pct 1.0, i.e.
+                    Resize(224) -> CenterCrop(224), the identity on 224x224 images).
+                    --protocol resize (google-research/augmix imagenet.py): Resize(R) -> CenterCrop(C), bilinear
+                    unless --interpolation, R = --resize or round(C * 256 / 224).
+  clean, -A, -R     the model's own eval transform, as timm builds it from the pretrained cfg: crop_pct, crop_mode
+                    ('center' keeps the aspect ratio, 'squash' resizes both sides), interpolation, mean / std, at
+                    --img-size C. This is what the official evaluations do (TAPADL RVT main.py --eval and its -A / -R
+                    loaders: the model's test transform; FAN validate_ood.py: resolve_data_config + create_loader).
+                    --crop-pct, --crop-mode and --interpolation override the cfg; --resize R sets the resize size
+                    (otherwise floor(C / crop_pct)).
+  generating        the ImageNet-C creation protocol (make_imagenet_c.py), the same for every model: Resize(R)
+                    (shorter side, bilinear) -> CenterCrop(C) -> corrupt -> JPEG q85; the corrupted C x C images are
+                    then evaluated with --protocol. The clean source folder is evaluated like clean images above.
 
 Metrics: per (corruption, severity) top-1 / top-5 error; CE_c = mean_s err / AlexNet err[c] (constants keyed by
 name, vitzoo.metrics); mCE over the 15 (x100); relative mCE = mean_c (mean_s err - clean err) / (AlexNet err[c] -
@@ -34,8 +44,8 @@ each cell across ranks (no padding, so counts are exact) and sums the counts on 
 Examples:
   python tools/eval_imagenet_c.py --model agent_deit_tiny --checkpoint agent_deit_t.pth --data-dir /data/imagenet-c \\
       --clean-dir /data/imagenet/val --output out/inc_agent_t --amp -b 256 -j 16
-  torchrun --nproc_per_node 8 tools/eval_imagenet_c.py --model tap_fan_base --pretrained --data-dir /data/imagenet-c \\
-      --clean-error 18.2 --output out/inc_fan
+  torchrun --nproc_per_node 8 tools/eval_imagenet_c.py --model tap_fan_base_16_p4_hybrid --pretrained \\
+      --data-dir /data/imagenet-c --clean-error 15.7 --output out/inc_fan
   python tools/eval_imagenet_c.py --generate-from data/shapes/val --write data/shapesnet_c --img-size 64 --resize 73 \\
       --model agent_deit_tiny --checkpoint out/train/model_best.pth.tar --num-classes 10 --output out/shapes_c
   python tools/eval_imagenet_c.py --subset imagenet-r --data-dir /data/imagenet-r --model agent_deit_small --pretrained
@@ -79,6 +89,8 @@ PROTOCOLS = {
     'crop': 'hendrycks/robustness: CenterCrop(C) only, no resize (the released images are already 224x224)',
     'resize': 'augmix: Resize(R) -> CenterCrop(C)',
 }
+CROP_MODES = ('center', 'squash', 'border')
+INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest', 'lanczos', 'box', 'hamming')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,9 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--img-size', type=int, default=None, metavar='C',
                    help='crop size C (default: the model cfg input size, else 224); also the generation crop')
     g.add_argument('--resize', type=int, default=None, metavar='R',
-                   help='resize size R (default: round(C * 256 / 224)): generation, --protocol resize, clean eval')
+                   help='resize size R: generation and --protocol resize (default round(C * 256 / 224)); clean / -A / '
+                        '-R (default floor(C / crop_pct))')
     g.add_argument('--protocol', default='crop', choices=tuple(PROTOCOLS),
                    help='ImageNet-C preprocessing: crop (hendrycks, default) or resize (augmix)')
+    g.add_argument('--crop-pct', type=float, default=None, metavar='F',
+                   help='clean / -A / -R crop fraction (default: the model cfg\'s)')
+    g.add_argument('--crop-mode', default=None, choices=CROP_MODES,
+                   help='clean / -A / -R crop mode (default: the model cfg\'s): center keeps the aspect ratio, squash '
+                        'resizes both sides to the same size, border pads')
+    g.add_argument('--interpolation', default=None, choices=INTERPOLATIONS,
+                   help='resize interpolation of clean / -A / -R (default: the model cfg\'s) and of --protocol resize '
+                        '(default: bilinear, as augmix)')
     g.add_argument('-b', '--batch-size', type=int, default=64, metavar='N', help='batch size per process')
     g.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loading workers per process')
     g.add_argument('--amp', action='store_true', help='autocast (bf16 on CPU; --amp-dtype on CUDA)')
@@ -222,15 +243,49 @@ def _corruption_list(args: argparse.Namespace, root: Optional[Path]) -> List[str
     return list(CORRUPTIONS) + [c for c in EXTRA_CORRUPTIONS if c in present]
 
 
-def _transforms(crop: int, resize: int, mean, std, interpolation: str):
+def _imagenet_c_transforms(crop: int, resize: int, mean, std, interpolation: str):
+    """The two ImageNet-C protocols: hendrycks' CenterCrop only, augmix's Resize(R) -> CenterCrop(C)."""
     from torchvision import transforms as T
-    interp = T.InterpolationMode(interpolation) if interpolation in ('bilinear', 'bicubic', 'nearest') else \
-        T.InterpolationMode.BILINEAR
+    from timm.data.transforms import str_to_interp_mode
     norm = [T.ToTensor(), T.Normalize(mean, std)]
     return {
         'crop': T.Compose([T.CenterCrop(crop)] + norm),
-        'resize': T.Compose([T.Resize(resize, interpolation=interp), T.CenterCrop(crop)] + norm),
+        'resize': T.Compose([T.Resize(resize, interpolation=str_to_interp_mode(interpolation)), T.CenterCrop(crop)]
+                            + norm),
     }
+
+
+def model_eval_transform(crop: int, crop_pct: float, crop_mode: str, interpolation: str, mean, std,
+                         resize: Optional[int] = None) -> Tuple[Any, str]:
+    """The model's eval transform, as timm's ``transforms_imagenet_eval`` builds it; ``(transform, description)``.
+
+    The resize size is ``resize`` or timm's ``floor(crop / crop_pct)``. 'center': Resize(s) of the shorter side ->
+    CenterCrop(crop); 'squash': Resize((s, s)) -> CenterCrop(crop) (aspect ratio not kept); 'border': the longer side
+    to s, then centre crop / pad with the mean colour.
+    """
+    from torchvision import transforms as T
+    from timm.data.transforms import CenterCropOrPad, ResizeKeepRatio, str_to_interp_mode
+    if crop_mode not in CROP_MODES:
+        raise ImageNetCError(f'crop mode must be one of {CROP_MODES}, got {crop_mode!r}')
+    if interpolation not in INTERPOLATIONS:
+        raise ImageNetCError(f'interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}')
+    if not 0.0 < crop_pct <= 1.0:
+        raise ImageNetCError(f'--crop-pct must be in (0, 1], got {crop_pct}')
+    scale = int(resize) if resize is not None else math.floor(crop / crop_pct)
+    if scale < crop and crop_mode != 'border':
+        raise ImageNetCError(f'resize {scale} is smaller than the crop {crop}')
+    mode = str_to_interp_mode(interpolation)
+    if crop_mode == 'squash':
+        steps = [T.Resize((scale, scale), interpolation=mode), T.CenterCrop(crop)]
+        desc = f'Resize(({scale}, {scale}), {interpolation}) -> CenterCrop({crop})'
+    elif crop_mode == 'border':
+        steps = [ResizeKeepRatio((scale, scale), longest=1.0, interpolation=interpolation),
+                 CenterCropOrPad(crop, fill=[round(255 * v) for v in mean])]
+        desc = f'ResizeKeepRatio(longest side {scale}, {interpolation}) -> CenterCropOrPad({crop})'
+    else:
+        steps = [T.Resize(scale, interpolation=mode), T.CenterCrop(crop)]
+        desc = f'Resize({scale}, {interpolation}) (shorter side) -> CenterCrop({crop})'
+    return T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)]), f'{crop_mode}: {desc}'
 
 
 def _first_size(samples: Sequence[Tuple[str, int]]) -> Optional[Tuple[int, int]]:
@@ -244,7 +299,8 @@ def _first_size(samples: Sequence[Tuple[str, int]]) -> Optional[Tuple[int, int]]
     return None
 
 
-def _fingerprint(args: argparse.Namespace, crop: int, resize: int, num_classes: int) -> Dict[str, Any]:
+def _fingerprint(args: argparse.Namespace, crop: int, resize: int, num_classes: int,
+                 transforms: Sequence[str] = ()) -> Dict[str, Any]:
     ckpt = None
     if args.checkpoint:
         st = Path(args.checkpoint).stat()
@@ -255,7 +311,7 @@ def _fingerprint(args: argparse.Namespace, crop: int, resize: int, num_classes: 
         'source': 'on-the-fly' if args.generate_from and not args.write else 'tree',
         'data': str(Path(args.generate_from if args.generate_from and not args.write else args.data_dir).absolute()),
         'seed': args.seed if args.generate_from and not args.write else None, 'amp': bool(args.amp),
-        'amp_dtype': args.amp_dtype if args.amp else None,
+        'amp_dtype': args.amp_dtype if args.amp else None, 'transforms': list(transforms),
     }
 
 
@@ -371,6 +427,8 @@ def format_table(rows: List[Dict[str, Any]], summary: Dict[str, Any]) -> str:
                  f'  [incomplete: mCE over {len(m["ce"])} corruptions = {fmt(m["mce_partial"])}]'))
     lines.append(f'protocol: {summary["protocol_description"]}; {summary["images_per_s"]} images/s; '
                  f'{summary["skipped"]} unreadable images skipped')
+    if (summary.get('clean') or {}).get('images'):
+        lines.append(f'clean images: {summary["clean_transform"]}')
     return '\n'.join(lines)
 
 
@@ -463,11 +521,17 @@ def evaluate(args: argparse.Namespace, dd: _Dist) -> Dict[str, Any]:
         raise ImageNetCError(f'--resize {resize} is smaller than the crop {crop}')
     mean = tuple(cfg.mean) if cfg is not None and cfg.mean else IMAGENET_DEFAULT_MEAN
     std = tuple(cfg.std) if cfg is not None and cfg.std else IMAGENET_DEFAULT_STD
-    interp = (cfg.interpolation if cfg is not None and cfg.interpolation else 'bicubic')
-    tfs = _transforms(crop, resize, mean, std, interp)
+    # clean / -A / -R: the model's own eval transform (its cfg, as the official evaluations use it) unless overridden
+    pct = args.crop_pct if args.crop_pct is not None else ((cfg.crop_pct if cfg is not None else None) or 0.875)
+    clean_tf, clean_desc = model_eval_transform(
+        crop, pct, args.crop_mode or (cfg.crop_mode if cfg is not None and cfg.crop_mode else 'center'),
+        args.interpolation or (cfg.interpolation if cfg is not None and cfg.interpolation else 'bilinear'),
+        mean, std, resize=args.resize)
+    augmix_interp = args.interpolation or 'bilinear'  # augmix imagenet.py: transforms.Resize(256), PIL bilinear
+    tfs = _imagenet_c_transforms(crop, resize, mean, std, augmix_interp)
     shape = (3, crop, crop)
     res: Dict[str, Any] = {'model': args.model or None, 'checkpoint': args.checkpoint or None, 'img_size': crop,
-                           'resize': resize, 'mean': list(mean), 'std': list(std)}
+                           'resize': resize, 'mean': list(mean), 'std': list(std), 'clean_transform': clean_desc}
 
     # ---- write an ImageNet-C tree
     if args.write:
@@ -504,10 +568,10 @@ def evaluate(args: argparse.Namespace, dd: _Dist) -> Dict[str, Any]:
             raise ImageNetCError(f'{args.subset} needs a 1000-class ImageNet model (the logits are masked to 200 '
                                  f'classes), got --num-classes {num_classes}')
         model = _create_model(args, num_classes, dd)
-        ds = ImageListDataset(samples, tfs['resize'], shape, label_map=[wnids.index(c) for c in classes])
+        ds = ImageListDataset(samples, clean_tf, shape, label_map=[wnids.index(c) for c in classes])
         r = _evaluate_loader(model, ds, args, dd, torch.tensor(idx1k, device=dd.device), desc=args.subset)
-        res.update(subset=args.subset, protocol='resize', protocol_description=f'Resize({resize}, {interp}) -> '
-                   f'CenterCrop({crop})', classes_present=len(classes), **r)
+        res.update(subset=args.subset, protocol='model', protocol_description=clean_desc,
+                   classes_present=len(classes), **r)
         if out is not None and dd.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             _write_json(out / 'summary.json', res)
@@ -548,7 +612,8 @@ def evaluate(args: argparse.Namespace, dd: _Dist) -> Dict[str, Any]:
             raise ImageNetCError(f'images are {size[0]}x{size[1]}, smaller than the crop {crop}: use --img-size '
                                  f'{min(size)} or --protocol resize')
 
-    fp = _fingerprint(args, crop, resize, num_classes)
+    desc = PROTOCOLS[args.protocol].replace('(C)', f'({crop})').replace('(R)', f'({resize}, {augmix_interp})')
+    fp = _fingerprint(args, crop, resize, num_classes, transforms=(desc, clean_desc))
     cell_dir = out / 'cells' if out is not None else None
     done = _load_cells(cell_dir, fp, args.overwrite, dd.rank) if cell_dir is not None else {}
     dd.barrier()  # rank 0 may have deleted stale cells (--overwrite)
@@ -561,7 +626,7 @@ def evaluate(args: argparse.Namespace, dd: _Dist) -> Dict[str, Any]:
         if 'clean' in done and done['clean'].get('clean_dir') == str(Path(clean_dir).absolute()):
             res['clean'] = done['clean']['result']
         else:
-            res['clean'] = _evaluate_loader(model, ImageListDataset(clean[1], tfs['resize'], shape), args, dd,
+            res['clean'] = _evaluate_loader(model, ImageListDataset(clean[1], clean_tf, shape), args, dd,
                                             desc='clean')
             if cell_dir is not None and dd.rank == 0:
                 _write_json(cell_dir / 'clean.json', {'fingerprint': fp, 'result': res['clean'],
@@ -602,7 +667,6 @@ def evaluate(args: argparse.Namespace, dd: _Dist) -> Dict[str, Any]:
     for r in rows:
         errors.setdefault(r['corruption'], {})[r['severity']] = r['top1_err'] / 100.0
     metrics = imagenet_c_summary(errors, clean_error, args.alexnet_clean_error / 100.0, severities=SEVERITIES)
-    desc = PROTOCOLS[args.protocol].replace('(C)', f'({crop})').replace('(R)', f'({resize}, {interp})')
     if on_the_fly:
         desc += (f'; corrupted on the fly from {args.generate_from} (Resize({resize}) -> CenterCrop({crop}) -> '
                  f'corrupt -> JPEG q85, seed {args.seed})')
