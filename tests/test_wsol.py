@@ -344,3 +344,60 @@ def test_end_to_end_finetune_beats_full_image_baseline(tmp_path):
     assert gt_known >= baseline + 30.0
     assert gt_known >= before['loc']['0.4']['gt_known'] + 10.0  # training, not the random init, localises
     assert after['maxboxacc_v2'] > before['maxboxacc_v2']
+
+
+def test_eval_tool_classification_protocol_per_dataset(tmp_path, monkeypatch):
+    """cub defaults to SAT's ten-crop classification (evaluator.py), imagenet / shapes to the centre crop; the ten-crop
+    scores equal the official computation: mean softmax over TenCrop(C) of the Resize((R, R)) image."""
+    import timm
+    from PIL import Image
+    from torchvision import transforms as T
+    from vitzoo.wsol import WSOLMeter
+    sys.path.insert(0, str(TOOLS))
+    import eval_wsol
+
+    root = write_shapes_cub(tmp_path / 'shapes_cub', num_train=0, num_test=8, num_classes=4, img_size=64, seed=2)
+    kw = dict(img_size=48, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_spatial_blocks=1)
+    torch.manual_seed(0)
+    model = timm.create_model('sat_deit_tiny', num_classes=4, **kw).eval()
+    torch.save(model.state_dict(), tmp_path / 'w.pth')
+
+    seen = []
+
+    class Spy(WSOLMeter):
+        def update(self, maps, gt_boxes, logits, labels):
+            seen.append(logits.clone())
+            return super().update(maps, gt_boxes, logits, labels)
+    monkeypatch.setattr(eval_wsol, 'WSOLMeter', Spy)
+
+    def run(dataset, *extra):
+        seen.clear()
+        res = eval_wsol.main(['--model', 'sat_deit_tiny', '--checkpoint', str(tmp_path / 'w.pth'), '--dataset', dataset,
+                              '--data-dir', str(root), '--shapes-num-train', '0', '--shapes-num-test', '8',
+                              '--shapes-num-classes', '4', '--shapes-img-size', '64', '--shapes-seed', '2',
+                              '--img-size', '48', '--resize-size', '64', '--cam-curve-interval', '0', '-b', '3', '-j',
+                              '0', '--no-progress', '--model-kwargs', *[f'{k}={v}' for k, v in kw.items()], *extra])
+        return res, torch.cat(seen)
+
+    norm = [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    ten = T.Compose([T.Resize((64, 64)), T.TenCrop(48)])
+    centre = T.Compose([T.Resize((64, 64)), T.CenterCrop(48)] + norm)
+    paths = [root / 'test' / line.split(';')[0] for line in (root / 'test_list.txt').read_text().splitlines()]
+    with torch.no_grad():
+        imgs = [Image.open(p).convert('RGB') for p in paths]
+        want_ten = torch.stack([
+            model(torch.stack([T.Compose(norm)(c) for c in ten(im)])).softmax(-1).mean(0) for im in imgs])
+        want_centre = model(torch.stack([centre(im) for im in imgs]))
+    assert not torch.allclose(want_ten.softmax(-1), want_centre.softmax(-1), atol=1e-3)  # the two protocols differ
+
+    res, got = run('cub')  # the SAT CUB evaluator's default
+    assert res['tencrop'] is True and torch.allclose(got, want_ten, atol=1e-5)
+    assert res['thresholds'] == [0.4]
+    res, got = run('cub', '--no-tencrop')
+    assert res['tencrop'] is False and torch.allclose(got, want_centre, atol=1e-4)
+    res, got = run('shapes')  # no official protocol: centre crop
+    assert res['tencrop'] is False and torch.allclose(got, want_centre, atol=1e-4)
+    res, got = run('shapes', '--tencrop')
+    assert res['tencrop'] is True and torch.allclose(got, want_ten, atol=1e-5)
+    assert eval_wsol.DEFAULT_TENCROP == {'cub': True, 'imagenet': False, 'shapes': False}
+    assert eval_wsol.DEFAULT_THRESHOLDS['imagenet'] == [0.3]  # evaluator_ImageNet.py: --tencrop False, threshold 0.3

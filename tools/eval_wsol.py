@@ -16,6 +16,12 @@ Datasets (any root folder, nothing hard-coded):
 Images go through SAT's eval transform: Resize((R, R)) -> CenterCrop(C), with C = --img-size (default: the model's
 input size) and R = --resize-size (default C / crop_pct, 256 for 224); GT boxes are mapped into the crop as SAT does.
 
+Protocol defaults are the official SAT evaluators' (wpy1999/SAT evaluator.py / evaluator_ImageNet.py), so the numbers
+compare with the paper's: cub classifies with ten-crop (the mean softmax over TenCrop(C) of the R x R resize; the map
+and box still come from the centre crop) and thresholds the map at 0.4; imagenet classifies the centre crop only and
+thresholds at 0.3. shapes (no official protocol) uses the centre crop and 0.4. --tencrop / --no-tencrop and
+--threshold override; the results record both.
+
 Examples:
   python tools/eval_wsol.py --model sat_deit_small --checkpoint logs/CUB_200_2011/best_loc.pth.tar \\
       --dataset cub --data-dir /data/CUB_200_2011 --output out/sat_cub --save-overlays 16
@@ -55,6 +61,7 @@ from vitzoo.wsol import WSOLMeter  # noqa: E402
 _logger = logging.getLogger('eval_wsol')
 
 DEFAULT_THRESHOLDS = {'cub': [0.4], 'shapes': [0.4], 'imagenet': [0.3]}  # the SAT evaluators' values
+DEFAULT_TENCROP = {'cub': True, 'shapes': False, 'imagenet': False}  # evaluator.py --tencrop True, _ImageNet.py False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                         'reported, none is selected on the evaluated data')
     g.add_argument('--cam-curve-interval', type=float, default=0.01, metavar='D',
                    help='MaxBoxAccV2 threshold step (0 disables MaxBoxAccV2)')
-    g.add_argument('--tencrop', action='store_true',
-                   help='classify with the mean softmax over TenCrop(C) of the resize (the SAT CUB default); the map '
-                        'still comes from the centre crop')
+    g.add_argument('--tencrop', action=argparse.BooleanOptionalAction, default=None,
+                   help='classify with the mean softmax over TenCrop(C) of the resize; the map still comes from the '
+                        'centre crop (default: on for cub, as SAT\'s evaluator.py; off for imagenet and shapes)')
     g.add_argument('-b', '--batch-size', type=int, default=64, metavar='N', help='batch size')
     g.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data loading workers')
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
@@ -150,7 +157,8 @@ def save_overlay(path: Path, image, norm_map: np.ndarray, box: Sequence[float], 
 
 def format_table(res: Dict[str, Any]) -> str:
     cols = ['GT-known', 'Top-1 Loc', 'Top-5 Loc', 'IoU30', 'IoU50', 'IoU70', 'mean IoU']
-    lines = [f'images: {res["num_images"]}   cls top-1: {res["top1"]:.2f}   cls top-5: {res["top5"]:.2f}', '',
+    cls = 'ten-crop' if res.get('tencrop') else 'centre crop'
+    lines = [f'images: {res["num_images"]}   cls top-1: {res["top1"]:.2f}   cls top-5: {res["top5"]:.2f} ({cls})', '',
              f'{"box":<18}' + ''.join(f'{c:>11}' for c in cols)]
 
     def row(name: str, m: Dict[str, float]) -> str:
@@ -172,6 +180,8 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     device = torch.device(args.device)
     if not timm.is_model(args.model.split('.')[0]):
         raise SystemExit(f'unknown model {args.model!r} (vitzoo localization models: sat_deit_tiny / small / base)')
+    if args.tencrop is None:  # the official protocol of the dataset
+        args.tencrop = DEFAULT_TENCROP[args.dataset]
     cfg = get_pretrained_cfg(args.model)
     crop = args.img_size or (cfg.input_size[-1] if cfg else 224)
     resize = args.resize_size or int(round(crop / ((cfg.crop_pct if cfg else None) or 0.875)))
