@@ -349,3 +349,234 @@ def test_eval_timm_transform_of_each_cfg_equals_the_official_pipeline():
 
 
 # ---- dense configs: mmengine Config.fromfile vs configs/official/mm.yaml ------------------------------------------
+import pathlib as _dense_pathlib  # noqa: E402
+
+import pytest as _dense_pytest  # noqa: E402
+
+_DENSE_ROOT = _dense_pathlib.Path(__file__).resolve().parents[1]
+_DENSE_MISSING = object()
+
+
+def _dense_table() -> dict:
+    """configs/official/mm.yaml without its ``_shared`` anchors: {'configs/mm*/<file>.py': entry}."""
+    import yaml
+    table = yaml.safe_load((_DENSE_ROOT / 'configs' / 'official' / 'mm.yaml').read_text())
+    return {k: v for k, v in table.items() if not k.startswith('_')}
+
+
+def _dense_configs() -> list:
+    """Every non-demo mmdet / mmseg config, as 'configs/mmdet/<file>.py'."""
+    return sorted(str(p.relative_to(_DENSE_ROOT)) for d in ('mmdet', 'mmseg')
+                  for p in (_DENSE_ROOT / 'configs' / d).glob('*.py') if not p.stem.endswith('_demo'))
+
+
+def _dense_readme_rows() -> list:
+    """(config, key) of the configs/README.md "Detection / segmentation configs" table."""
+    text = (_DENSE_ROOT / 'configs' / 'README.md').read_text()
+    section = text.split('### Detection / segmentation configs', 1)[1].split('\n#', 1)[0]
+    rows = [[c.strip().strip('`') for c in line.strip().strip('|').split('|')]
+            for line in section.splitlines() if line.strip().startswith('|')]
+    return [(r[0], r[1]) for r in rows[2:] if len(r) >= 2]  # skip the header and the |---| line
+
+
+def _dense_load(path: str):
+    """mmengine ``Config.fromfile`` after the imports the configs' ``custom_imports`` name."""
+    import vitzoo.mmdet  # noqa: F401
+    import vitzoo.mmseg  # noqa: F401
+    from mmengine.config import Config
+    return Config.fromfile(str(_DENSE_ROOT / path))
+
+
+def _dense_plain(x):
+    """Config values as plain data: dicts, lists (tuples too), scalars."""
+    if isinstance(x, dict):
+        return {k: _dense_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_dense_plain(v) for v in x]
+    return x
+
+
+def _dense_get(obj, parts: list):
+    """The value at a dotted path ('a.0.b'); '*' maps the rest of the path over a list."""
+    if not parts:
+        return obj
+    head, rest = parts[0], parts[1:]
+    if head == '*':
+        if not isinstance(obj, (list, tuple)):
+            return _DENSE_MISSING
+        return [_dense_get(v, rest) for v in obj]
+    if isinstance(obj, (list, tuple)):
+        if not head.lstrip('-').isdigit() or not -len(obj) <= int(head) < len(obj):
+            return _DENSE_MISSING
+        return _dense_get(obj[int(head)], rest)
+    if isinstance(obj, dict):
+        return _dense_get(obj[head], rest) if head in obj else _DENSE_MISSING
+    return _DENSE_MISSING
+
+
+def _dense_same(got, want) -> bool:
+    if want is None:
+        return got is None or got is _DENSE_MISSING
+    if isinstance(want, bool) or isinstance(got, bool):
+        return got is want
+    if isinstance(want, dict):
+        return isinstance(got, dict) and set(got) == set(want) and all(_dense_same(got[k], want[k]) for k in want)
+    if isinstance(want, list):
+        return isinstance(got, list) and len(got) == len(want) and all(map(_dense_same, got, want))
+    if isinstance(want, (int, float)) and isinstance(got, (int, float)):
+        return got == _dense_pytest.approx(want, rel=1e-9, abs=0)
+    return got == want
+
+
+def _dense_backbone_arch(backbone_cfg: dict) -> dict:
+    """The official backbone arguments as the backbone built from the config has them (see mm.yaml's header)."""
+    import math
+    import torch
+    from mmengine.registry import MODELS
+    from vitzoo.layers.agent_attention import AgentAttention
+    cfg = dict(backbone_cfg, pretrained=None)
+    with torch.device('meta'):  # shapes and modules only: no memory, no init cost
+        bb = MODELS.build(cfg)
+    m = bb.model
+    stages = m.layers if hasattr(m, 'layers') else m.stages
+    arch = dict(depths=[], num_heads=[], mlp_ratios=[], agent_num=[], embed_dims=[f['num_chs'] for f in m.feature_info])
+    letters, mixed, kernels, scales, srs = '', '', set(), set(), ''
+    for stage in stages:
+        blocks = list(stage.blocks)
+        agent = [isinstance(b.attn, AgentAttention) for b in blocks]
+        n = sum(agent)
+        assert agent == [True] * n + [False] * (len(blocks) - n), 'agent blocks must lead their stage'
+        letters += 'A' if n == len(blocks) else 'B' if n == 0 else 'M'
+        mixed = str(n) if 0 < n < len(blocks) else mixed
+        a = blocks[0].attn
+        arch['depths'].append(len(blocks))
+        arch['num_heads'].append(a.num_heads)
+        arch['mlp_ratios'].append(blocks[0].mlp.fc1.out_features / blocks[0].mlp.fc1.in_features)
+        arch['agent_num'].append(a.agent_num if n else None)
+        if n:
+            kernels.add(a.dwc.kernel_size[0])
+            scales.add(round(math.log(a.scale) / math.log(a.head_dim), 9))
+            srs += str(a.sr_ratio)
+    drop = max((float(mod.drop_prob) for mod in bb.modules() if hasattr(mod, 'drop_prob')), default=0.0)
+    arch.update(attn_type=letters + mixed, embed_dim=arch['embed_dims'][0], agent_sr_ratios=srs,
+                drop_path_rate=round(drop, 6))  # the rates come from a float32 linspace
+    if len(set(arch['mlp_ratios'])) == 1:
+        arch['mlp_ratio'] = arch['mlp_ratios'][0]
+    if len(kernels) == 1:
+        arch['kernel_size'] = kernels.pop()
+    if len(scales) == 1:
+        arch['scale'] = scales.pop()
+    if hasattr(m, 'window_size'):
+        arch['window_size'] = m.window_size
+    return arch
+
+
+def test_dense_every_config_has_an_official_entry():
+    table, configs = _dense_table(), _dense_configs()
+    assert len(configs) >= 24
+    assert sorted(set(configs) - set(table)) == [], 'mm configs without an entry in configs/official/mm.yaml'
+    assert sorted(set(table) - set(configs)) == [], 'mm.yaml entries for configs that do not exist (or demos)'
+    for path, entry in table.items():
+        src = entry['source']
+        assert ('LeapLabTHU/Agent-Attention@' in src or 'guoyongcs/TAPADL@' in src) and '.py' in src, path
+        assert entry['official'], path
+    # every README row is a deviation of the table (no stale rows)
+    deviations = {(path.split('/')[-1], key) for path, e in table.items() for key in (e.get('deviations') or {})}
+    assert set(_dense_readme_rows()) == deviations
+
+
+@_dense_pytest.mark.parametrize('path', sorted(_dense_table()))
+def test_dense_config_equals_the_official_table(path):
+    entry = _dense_table()[path]
+    cfg = _dense_load(path)
+    data = _dense_plain(cfg.to_dict())
+    assert data['custom_imports']['imports'][0] in ('vitzoo.mmdet', 'vitzoo.mmseg')
+    official, deviations = entry['official'], entry.get('deviations') or {}
+    assert set(deviations) <= set(official), f'{path}: deviations must name keys of the official table'
+    arch = _dense_backbone_arch(cfg.model.backbone) if any(k.startswith('backbone_arch.') for k in official) else {}
+    readme = set(_dense_readme_rows())
+    wrong = []
+    for key, want in official.items():
+        if key in deviations:
+            assert deviations[key].get('reason'), f'{path}: the deviation of {key} needs a reason'
+            assert (path.split('/')[-1], key) in readme, f'{path}: {key} deviates but configs/README.md has no row'
+            want = deviations[key]['ours']
+        if key.startswith('backbone_arch.'):
+            name = key[len('backbone_arch.'):]
+            got = arch.get(name, _DENSE_MISSING)
+            if name == 'agent_num':  # stages without agent blocks do not use theirs
+                want = [w if g is not None else None for g, w in zip(got, want)]
+        else:
+            got = _dense_get(data, key.split('.'))
+        if got is _DENSE_MISSING and want is not None or not _dense_same(got, want):
+            wrong.append(f'{key}: config {got if got is not _DENSE_MISSING else "<absent>"!r}, official {want!r}')
+    assert not wrong, f'{path}:\n  ' + '\n  '.join(wrong)
+
+
+def test_dense_table_catches_a_changed_value():
+    # the comparison is not vacuous: a config changed in one value no longer matches its entry
+    path = 'configs/mmseg/upernet_agent-swin-b_160k_ade20k-512x512.py'
+    data = _dense_plain(_dense_load(path).to_dict())
+    want = _dense_table()[path]['official']['model.backbone.drop_path_rate']
+    assert _dense_same(_dense_get(data, ['model', 'backbone', 'drop_path_rate']), want)
+    data['model']['backbone']['drop_path_rate'] = 0.3
+    assert not _dense_same(_dense_get(data, ['model', 'backbone', 'drop_path_rate']), want)
+    assert _dense_get(data, 'optim_wrapper.paramwise_cfg.custom_keys.norm.decay_mult'.split('.')) == 0.0
+    assert _dense_get(data, 'train_dataloader.dataset.pipeline.*.type'.split('.'))[0] == 'LoadImageFromFile'
+    assert _dense_get(data, ['optim_wrapper', 'no_such_key']) is _DENSE_MISSING
+    assert _dense_same(_DENSE_MISSING, None) and not _dense_same(0.0, None)
+
+
+def _dense_lr_curve(cfg, iters: int) -> list:
+    """The learning rate of the first ``iters`` iterations under the config's param_scheduler, stepped as mmengine's
+    ParamSchedulerHook does: iteration-based schedulers after every iteration, epoch-based ones only at epoch ends
+    (none within ``iters``)."""
+    import torch
+    from mmengine.registry import PARAM_SCHEDULERS
+    import mmengine.optim  # noqa: F401  (registers the schedulers)
+    base = cfg.optim_wrapper.optimizer.lr
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    schedulers = [PARAM_SCHEDULERS.build(dict(s, optimizer=opt)) for s in cfg.param_scheduler]
+    lrs = []
+    for _ in range(iters):
+        lrs.append(opt.param_groups[0]['lr'])
+        opt.step()
+        for s in schedulers:
+            if not s.by_epoch:
+                s.step()
+    return lrs
+
+
+# mmcv's LrUpdaterHooks as the official mmdet 2.x / mmseg 0.x runs computed them, within the first epoch (mmdet) or
+# over the first iterations (mmseg): (config, base schedule, power, max_iters, warmup_iters, warmup_ratio)
+_DENSE_MMCV_SCHEDULES = [
+    ('configs/mmdet/mask-rcnn_agent-pvt-t_fpn_1x_coco.py', 'step', 0, 0, 500, 0.001),
+    ('configs/mmdet/retinanet_agent-pvt-s_fpn_1x_coco.py', 'step', 0, 0, 500, 0.001),
+    ('configs/mmdet/mask-rcnn_agent-swin-t_fpn_1x_coco.py', 'step', 0, 0, 500, 0.001),
+    ('configs/mmdet/mask-rcnn_agent-swin-s_fpn_3x_coco.py', 'step', 0, 0, 500, 0.001),
+    ('configs/mmdet/cascade-mask-rcnn_agent-swin-t_fpn_1x_coco.py', 'step', 0, 0, 500, 0.001),
+    ('configs/mmdet/cascade-mask-rcnn_agent-swin-b_fpn_3x_coco.py', 'step', 0, 0, 500, 0.001),
+    ('configs/mmseg/upernet_agent-swin-t_160k_ade20k-512x512.py', 'poly', 1.0, 160000, 1500, 1e-6),
+    ('configs/mmseg/segformer_tap-fan-b-hybrid_160k_cityscapes-1024x1024.py', 'poly', 1.0, 160000, 1500, 1e-6),
+    ('configs/mmseg/fpn_agent-pvt-t_40k_ade20k-512x512.py', 'poly', 0.9, 40000, 0, 0.0),
+]
+
+
+@_dense_pytest.mark.parametrize('path,policy,power,max_iters,warmup_iters,ratio', _DENSE_MMCV_SCHEDULES,
+                                ids=[c[0].split('/')[-1] for c in _DENSE_MMCV_SCHEDULES])
+def test_dense_lr_schedule_equals_mmcv_lr_updater(path, policy, power, max_iters, warmup_iters, ratio):
+    # mmcv (LrUpdaterHook.before_train_iter, by_epoch=False warmup):
+    #   poly:   regular(i) = base * (1 - i / max_iters) ** power      (min_lr 0)
+    #   step:   regular(i) = base                                     (first epoch, before the first milestone)
+    #   linear warmup, i < warmup_iters: regular(i) * (1 - (1 - i / warmup_iters) * (1 - warmup_ratio))
+    cfg = _dense_load(path)
+    base = cfg.optim_wrapper.optimizer.lr
+    if policy == 'poly':
+        assert cfg.train_cfg.max_iters == max_iters
+    n = max(warmup_iters, 100) + 100
+    got = _dense_lr_curve(cfg, n)
+    for i in range(n):
+        want = base * (1 - i / max_iters) ** power if policy == 'poly' else base
+        if i < warmup_iters:
+            want *= 1 - (1 - i / warmup_iters) * (1 - ratio)
+        assert got[i] == _dense_pytest.approx(want, rel=1e-9), (i, got[i], want)

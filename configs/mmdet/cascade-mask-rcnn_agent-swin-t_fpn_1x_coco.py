@@ -6,7 +6,9 @@ model = dict(backbone=dict(model_name='agent_swin_tiny', drop_path_rate=0.1))
 
 max_epochs = 12
 train_cfg = dict(max_epochs=max_epochs)
+# mmcv's linear warmup over 500 iterations (warmup_ratio 0.001) then steps: mmengine's LinearLR reaches its end
+# factor at iteration end - 1, so end=501 gives mmcv's warmup_iters=500 exactly
 param_scheduler = [
-    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500),
+    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=501),
     dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[8, 11], gamma=0.1),
 ]

@@ -53,11 +53,12 @@ optim_wrapper = dict(
         'pos_block': dict(decay_mult=0.),
         'norm': dict(decay_mult=0.),
         'head': dict(lr_mult=10.)}))
-# mmcv's poly policy with linear warmup: the poly factor (1 - i / 160000) runs from iteration 0 and the warmup factor
-# multiplies it for the first 1500 iterations (overlapping mmengine schedulers multiply)
+# mmcv's poly policy with linear warmup: lr(i) = lr * (1 - i / 160000) from iteration 0, times the warmup factor
+# 1e-6 + (1 - 1e-6) * i / 1500 for i < 1500 (overlapping mmengine schedulers multiply). mmengine's LinearLR / PolyLR
+# reach their final value at iteration end - 1, hence end = 1501 / 160001 for mmcv's 1500 / 160000.
 param_scheduler = [
-    dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=1500),
-    dict(type='PolyLR', eta_min=0.0, power=1.0, begin=0, end=160000, by_epoch=False),
+    dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=1501),
+    dict(type='PolyLR', eta_min=0.0, power=1.0, begin=0, end=160001, by_epoch=False),
 ]
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=160000, val_interval=4000)
 default_hooks = dict(checkpoint=dict(by_epoch=False, interval=4000))

@@ -29,3 +29,12 @@ optim_wrapper = dict(
     optimizer=dict(type='AdamW', lr=2e-4, betas=(0.9, 0.999), weight_decay=1e-4))
 # 8 GPUs x 2 images, as the official runs
 auto_scale_lr = dict(enable=False, base_batch_size=16)
+
+max_epochs = 12
+train_cfg = dict(max_epochs=max_epochs)
+# mmcv's linear warmup over 500 iterations (warmup_ratio 0.001) then steps: mmengine's LinearLR reaches its end
+# factor at iteration end - 1, so end=501 gives mmcv's warmup_iters=500 exactly
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=501),
+    dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[8, 11], gamma=0.1),
+]

@@ -74,7 +74,9 @@ train_dataloader = dict(dataset=dict(pipeline=train_pipeline))
 
 max_epochs = 36
 train_cfg = dict(max_epochs=max_epochs)
+# mmcv's linear warmup over 500 iterations (warmup_ratio 0.001) then steps: mmengine's LinearLR reaches its end
+# factor at iteration end - 1, so end=501 gives mmcv's warmup_iters=500 exactly
 param_scheduler = [
-    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=500),
+    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=501),
     dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[27, 33], gamma=0.1),
 ]

@@ -34,6 +34,15 @@ optim_wrapper = dict(
 # 8 GPUs x 2 images, as the official runs
 auto_scale_lr = dict(enable=False, base_batch_size=16)
 
+max_epochs = 12
+train_cfg = dict(max_epochs=max_epochs)
+# mmcv's linear warmup over 500 iterations (warmup_ratio 0.001) then steps: mmengine's LinearLR reaches its end
+# factor at iteration end - 1, so end=501 gives mmcv's warmup_iters=500 exactly
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=501),
+    dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[8, 11], gamma=0.1),
+]
+
 # The official AutoAugment policies in mmdet 3.x names: RandomChoice of (a) one resize to a random short side
 # 480..800 (long side <= 1333), (b) resize to short side 400/500/600, random crop of 384..600 px, then (a).
 _ms_scales = [(1333, 480), (1333, 512), (1333, 544), (1333, 576), (1333, 608), (1333, 640), (1333, 672),

@@ -33,6 +33,7 @@ optim_wrapper = dict(
     _delete_=True,
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=2e-4, betas=(0.9, 0.999), weight_decay=1e-4))
-param_scheduler = [dict(type='PolyLR', eta_min=0.0, power=0.9, begin=0, end=40000, by_epoch=False)]
+# mmcv's poly policy lr * (1 - i / 40000) ** 0.9: mmengine's PolyLR reaches eta_min at iteration end - 1, hence 40001
+param_scheduler = [dict(type='PolyLR', eta_min=0.0, power=0.9, begin=0, end=40001, by_epoch=False)]
 # 8 GPUs x 2 images, as the official runs
 train_dataloader = dict(batch_size=2)

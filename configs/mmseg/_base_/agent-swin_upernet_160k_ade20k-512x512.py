@@ -34,11 +34,12 @@ optim_wrapper = dict(
     paramwise_cfg=dict(custom_keys={k: dict(decay_mult=0.) for k in (
         'absolute_pos_embed', 'relative_position_bias_table', 'norm',
         'an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias')}))
-# mmcv's poly policy with linear warmup: the poly factor (1 - i / 160000) runs from iteration 0 and the warmup factor
-# multiplies it for the first 1500 iterations (overlapping mmengine schedulers multiply)
+# mmcv's poly policy with linear warmup: lr(i) = lr * (1 - i / 160000) from iteration 0, times the warmup factor
+# 1e-6 + (1 - 1e-6) * i / 1500 for i < 1500 (overlapping mmengine schedulers multiply). mmengine's LinearLR / PolyLR
+# reach their final value at iteration end - 1, hence end = 1501 / 160001 for mmcv's 1500 / 160000.
 param_scheduler = [
-    dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=1500),
-    dict(type='PolyLR', eta_min=0.0, power=1.0, begin=0, end=160000, by_epoch=False),
+    dict(type='LinearLR', start_factor=1e-6, by_epoch=False, begin=0, end=1501),
+    dict(type='PolyLR', eta_min=0.0, power=1.0, begin=0, end=160001, by_epoch=False),
 ]
 # 8 GPUs x 2 images, as the official runs
 train_dataloader = dict(batch_size=2)
