@@ -256,3 +256,42 @@ def test_params_and_flops_by_hand(name, dim, macs):
     if macs:
         block = N * C * 3 * C + 2 * N * N * C + N * C * C + 2 * N * C * 4 * C
         assert count_macs(model) == P * 3 * 256 * C + 12 * block + P * C * nc * 9
+
+
+@pytest.mark.parametrize('size', ['tiny', 'small', 'base'])
+def test_deit_init_tags_point_at_timms_deit_weights(size):
+    """``sat_deit_<size>.fb_in1k`` is the official training's initialisation: FB's DeiT file / timm's hub copy."""
+    ours = timm.models.get_pretrained_cfg(f'sat_deit_{size}.fb_in1k')
+    deit = timm.models.get_pretrained_cfg(f'deit_{size}_patch16_224.fb_in1k')
+    assert ours.hf_hub_id == deit.hf_hub_id == f'timm/deit_{size}_patch16_224.fb_in1k'
+    assert ours.url == deit.url and ours.url.startswith('https://dl.fbaipublicfiles.com/deit/')
+    # SAT's own evaluation transform, and the bare name still means SAT's own weights
+    assert (ours.crop_mode, ours.crop_pct, ours.interpolation) == ('squash', 0.875, 'bilinear')
+    assert timm.models.get_pretrained_cfg(f'sat_deit_{size}').tag == 'in1k'
+
+
+def test_deit_init_tag_loads_the_hub_deit_checkpoint(tmp_path, monkeypatch):
+    """``create_model('sat_deit_small.fb_in1k', pretrained=True, num_classes=200)`` (the CUB recipe) fetches timm's
+    DeiT-S hub file and maps it: backbone from DeiT, spatial token / its embedding / conv head at their init."""
+    from safetensors.torch import save_file
+    import vitzoo.weights as vw
+    torch.manual_seed(0)
+    src = timm.create_model('deit_small_patch16_224').state_dict()  # timm's real key names (random values)
+    save_file(src, str(tmp_path / 'model.safetensors'))
+    fetched = []
+
+    def fake_hub(hub_id, filename, key, entry, cache_dir):  # no network here: serve the file the hub would
+        fetched.append((hub_id, key))
+        return tmp_path / 'model.safetensors', set()
+    monkeypatch.setattr(vw, '_fetch_hub', fake_hub)
+    torch.manual_seed(1)
+    model = timm.create_model('sat_deit_small.fb_in1k', pretrained=True, num_classes=200, drop_path_rate=0.1)
+    assert fetched == [('timm/deit_small_patch16_224.fb_in1k', 'sat_deit_small.fb_in1k')]
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in src.items() if not k.startswith('head.')), 'backbone not loaded'
+    assert sd['head.weight'].shape == (200, 384, 3, 3)
+    torch.manual_seed(1)
+    fresh = timm.create_model('sat_deit_small', num_classes=200).state_dict()
+    for k in ('loc_token', 'loc_embed', 'head.weight', 'head.bias'):
+        assert torch.equal(sd[k], fresh[k]), k  # the model's own init, untouched by the DeiT file
+    assert not torch.equal(sd['cls_token'], fresh['cls_token'])

@@ -188,3 +188,118 @@ def test_recipe_configs_parse():
             train.parse_args(['-c', str(tmp)])
         finally:
             tmp.unlink()
+
+
+# ---- recipe features: SAT's squash crop, repeated augmentation, per-iteration schedule with a warmup prefix ----------
+
+
+@pytest.mark.parametrize('config', ['sat_deit_small_cub', 'sat_deit_small_in1k'])
+def test_squash_train_crop_is_sats_official_pipeline(config):
+    """--train-crop-mode squash == SAT's DataLoader transform (Resize((256, 256)) -> RandomCrop(224) -> flip ->
+    ToTensor -> Normalize), draw for draw: same output images from the same seed, over a sequence of images."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms as T
+    args = train.parse_args(['-c', str(ROOT / 'configs' / 'train' / f'{config}.yaml')])
+    ours = train.build_train_transform(args, train.resolve_recipe(args))
+    official = T.Compose([  # wpy1999/SAT DataLoader/CUB_200_2011.py and ILSVRC.py, phase 'train'
+        T.Resize((256, 256)), T.RandomCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
+        T.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))])
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in
+              [(300, 200), (180, 420), (256, 256), (500, 333)] * 3]
+    torch.manual_seed(7)
+    a = [ours(im) for im in images]
+    torch.manual_seed(7)
+    b = [official(im) for im in images]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert a[0].shape == (3, 224, 224)
+    assert not all(torch.equal(a[i], a[i + 4]) for i in range(4))  # random crops / flips really happen
+    args.train_resize = None
+    with pytest.raises(TrainError, match='squash needs --train-resize'):
+        train.resolve_recipe(args)
+
+
+def test_fan_recipe_trains_with_random_interpolation():
+    """TAPADL_FAN/main.py --train-interpolation random: timm's per-image bilinear / bicubic choice (eval: bicubic)."""
+    args = train.parse_args(['-c', str(ROOT / 'configs' / 'train' / 'tap_fan_base_16_p4_hybrid.yaml')])
+    recipe = train.resolve_recipe(args)
+    rrc = train.build_train_transform(args, recipe).transforms[0]
+    assert type(rrc).__name__ == 'RandomResizedCropAndInterpolation' and isinstance(rrc.interpolation, (list, tuple))
+    assert len(rrc.interpolation) == 2 and recipe['eval']['interpolation'] == 'bicubic'
+
+
+def test_repeated_augmentation_sampler():
+    """--aug-repeats 3 (DeiT's RASampler): each image's copies go to different ranks with different augmentations;
+    every rank takes len // 256 * 256 / world samples; resuming mid-epoch skips exactly the trained prefix."""
+    from vitzoo.train_utils import ResumableSampler, SeededDataset
+    n, world = 600, 4
+    ranks = [ResumableSampler(n, r, world, seed=3, num_repeats=3) for r in range(world)]
+    for s in ranks:
+        s.set_epoch(2)
+    shares = [list(s) for s in ranks]
+    assert [len(s) for s in ranks] == [len(x) for x in shares] == [512 // world] * world
+    seen = {}
+    for r, share in enumerate(shares):
+        for v in share:
+            seen.setdefault(v % n, []).append((r, v))
+    copies = [c for c in seen.values() if len(c) > 1]
+    assert copies and all(len({r for r, _ in c}) == len(c) for c in copies)  # copies on different ranks
+    assert all(len({v for _, v in c}) == len(c) for c in copies)  # ... as different virtual indices
+    assert max(len(c) for c in seen.values()) == 3
+    rank0 = ResumableSampler(n, 0, world, seed=3, num_repeats=3)
+    rank0.set_epoch(2)
+    rank0.set_start(40)
+    assert list(rank0) == shares[0][40:] and len(rank0) == len(shares[0]) - 40
+
+    class Noise(torch.utils.data.Dataset):  # "augmentation" = a fresh random draw per load
+        def __len__(self):
+            return n
+
+        def __getitem__(self, i):
+            return i, torch.rand(3)
+    ds = SeededDataset(Noise(), seed=3)
+    (r0, v0), (r1, v1) = copies[0][:2]
+    (i0, x0), (i1, x1) = ds[v0], ds[v1]
+    assert i0 == i1 == v0 % n and not torch.equal(x0, x1)  # same image, different augmentation
+    assert torch.equal(ds[v0][1], x0)  # and reproducible
+    with pytest.raises(ValueError, match='num_repeats'):
+        ResumableSampler(n, num_repeats=0)
+
+
+def _lr_per_iteration(config: str, iters: int) -> tuple:
+    """The lr of every iteration as tools/train.py's loop sets it (scheduler.step(epoch), then step_update)."""
+    args = train.parse_args(['-c', str(ROOT / 'configs' / 'train' / f'{config}.yaml'), '--world-size', '8'])
+    args.world_size = 8
+    recipe = train.resolve_recipe(args)
+    opt = train.build_optimizer(torch.nn.Linear(1, 1), args, recipe['lr'])
+    sched, epochs = train.build_scheduler(opt, args, recipe, iters)
+    lrs, updates = [], 0
+    for epoch in range(epochs):
+        sched.step(epoch)
+        sched.step_update(updates)
+        for _ in range(iters):
+            lrs.append(opt.param_groups[0]['lr'])
+            updates += 1
+            sched.step_update(updates)
+    return recipe, epochs, lrs
+
+
+@pytest.mark.parametrize('config,base,final,total,warm', [
+    ('sparsifiner_deit_small_phase1', 3e-4, 2e-4, 5, 3), ('sparsifiner_deit_small_phase2', 8e-5, 2e-6, 45, 3)])
+def test_sparsifiner_schedule_is_the_official_per_iteration_cosine(config, base, final, total, warm):
+    """Sparsifiner src/utils.py cosine_scheduler, set every iteration: np.linspace(0, BASE_LR) over the warmup, then
+    a cosine from BASE_LR to FINAL_LR over the remaining iterations (epoch 0 is not spent at the warmup lr)."""
+    import math
+    import numpy as np
+    iters = 7
+    recipe, epochs, ours = _lr_per_iteration(config, iters)
+    assert epochs == total and len(ours) == total * iters
+    w = warm * iters  # the official schedule, re-stated from src/utils.py
+    rest = np.arange(total * iters - w)
+    official = np.concatenate([np.linspace(0, base, w),
+                               [final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / len(rest))) for i in rest]])
+    np.testing.assert_allclose(ours[w:], official[w:], rtol=1e-12, atol=0)
+    np.testing.assert_allclose(ours[:w], base * np.arange(w) / w, rtol=1e-12, atol=0)  # timm's warmup ...
+    assert np.abs(np.array(ours[:w]) - official[:w]).max() <= base / (w - 1)  # ... one warmup step from linspace
+    assert ours[1] > ours[0] == 0.0 and ours[iters] > ours[iters - 1]  # rises within epoch 0 and across epochs

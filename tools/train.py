@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--train-interpolation', default='',
                    help="training resize interpolation, 'random' for timm's per-image bilinear / bicubic choice "
                         '(default: --interpolation)')
+    g.add_argument('--aug-repeats', type=int, default=0,
+                   help='repeated augmentation: each image N times per epoch on different ranks, differently '
+                        "augmented (timm's RepeatAugSampler / DeiT's RASampler; 0: off)")
     g.add_argument('--hflip', type=float, default=0.5)
     g.add_argument('--vflip', type=float, default=0.0)
     g.add_argument('--color-jitter', type=float, default=0.4)
@@ -264,9 +267,11 @@ _METHOD_KEYS = {
 _TRAIN_CROP_MODES = ('rrc', 'rkrc', 'rkrr', 'squash')
 
 
-def _transform_and_method_recipe(args: argparse.Namespace, recipe: Dict) -> Dict:
-    """Recipe entries of the training transform, the warmup placement and the method loss (its own flags only)."""
+def _extra_recipe(args: argparse.Namespace, recipe: Dict) -> Dict:
+    """Recipe entries of the training transform, the warmup placement, AMP and the method loss (its own flags)."""
     mode = args.train_crop_mode
+    if args.aug_repeats < 0 or args.aug_repeats == 1:
+        raise TrainError(f'--aug-repeats must be 0 (off) or >= 2, got {args.aug_repeats}')
     if mode not in _TRAIN_CROP_MODES:
         raise TrainError(f'--train-crop-mode must be one of {", ".join(_TRAIN_CROP_MODES)}, got {mode!r}')
     train_interp = args.train_interpolation or recipe['interpolation']
@@ -278,7 +283,8 @@ def _transform_and_method_recipe(args: argparse.Namespace, recipe: Dict) -> Dict
             raise TrainError("--train-crop-mode squash resizes with one interpolation: --train-interpolation "
                              "'random' is for the random-resized crop")
     out = dict(train_crop_mode=mode, train_resize=args.train_resize if mode == 'squash' else None,
-               train_interpolation=train_interp, warmup_prefix=bool(args.warmup_prefix))
+               train_interpolation=train_interp, aug_repeats=args.aug_repeats, warmup_prefix=bool(args.warmup_prefix),
+               amp=bool(args.amp))
     out.update({k: getattr(args, k) for k in _METHOD_KEYS.get(recipe['method'], ())})
     if recipe['method'] == 'sparsifiner':
         out['teacher'] = args.teacher or 'student, dense'
@@ -368,7 +374,7 @@ def resolve_recipe(args: argparse.Namespace) -> Dict:
         eval=dict(crop_pct=args.crop_pct or cfg.get('crop_pct') or 0.875,
                   crop_mode=args.crop_mode or cfg.get('crop_mode') or 'center', interpolation=interp),
         method=method_of(args.model) if args.method == 'auto' else args.method, seed=args.seed)
-    recipe.update(_transform_and_method_recipe(args, recipe))
+    recipe.update(_extra_recipe(args, recipe))
     if recipe['eval']['crop_mode'] not in ('center', 'squash', 'border'):
         raise TrainError(f"--crop-mode must be 'center', 'squash' or 'border', got {recipe['eval']['crop_mode']!r}")
 
@@ -649,7 +655,8 @@ def _train(args: argparse.Namespace, is_main: bool) -> Dict:
 
     # data: order depends only on (seed, epoch); augmentation only on (seed, epoch, index)
     seeded = SeededDataset(train_set, seed=args.seed)
-    sampler = ResumableSampler(len(train_set), args.rank, args.world_size, seed=args.seed)
+    sampler = ResumableSampler(len(train_set), args.rank, args.world_size, seed=args.seed,
+                               num_repeats=recipe['aug_repeats'] or 1)
     loader_gen = torch.Generator().manual_seed(args.seed)  # keeps the DataLoader off the global RNG
     train_loader = torch.utils.data.DataLoader(
         seeded, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,

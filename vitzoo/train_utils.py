@@ -133,6 +133,7 @@ class SeededDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
+        # index >= len: a repeat of sample index % len (ResumableSampler num_repeats), augmented with its own seed
         s = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(index)
         s %= 2 ** 63
         # restore the global states afterwards: in the main process (num_workers 0) they also drive dropout / mixup
@@ -142,7 +143,7 @@ class SeededDataset(torch.utils.data.Dataset):
             np.random.seed(s % 2 ** 32)
             torch.manual_seed(s)
             try:
-                return self.dataset[index]
+                return self.dataset[int(index) % len(self.dataset)]
             finally:
                 random.setstate(py)
                 np.random.set_state(npy)
@@ -153,9 +154,17 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     Like ``DistributedSampler`` (each rank takes every ``world``-th index of one permutation, padded to equal length)
     with ``set_start(n)`` to skip the first ``n`` samples of this rank's share (the batches already trained).
+
+    ``num_repeats > 1`` is repeated augmentation as timm's ``RepeatAugSampler`` (DeiT's ``RASampler``): every index of
+    the permutation appears ``num_repeats`` times in a row, so its copies go to different ranks, and each rank takes
+    ``len // 256 * 256 / world`` samples per epoch (``ceil(len / world)`` below 256). Copy ``r`` of sample ``i`` is
+    yielded as ``i + r * num_samples``: :class:`SeededDataset` loads sample ``i`` with its own augmentation seed.
     """
 
-    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True):
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 num_repeats: int = 1):
+        if int(num_repeats) != num_repeats or num_repeats < 1:
+            raise ValueError(f'num_repeats must be an integer >= 1, got {num_repeats}')
         self.n = num_samples
         self.rank = rank
         self.world = world_size
@@ -163,7 +172,13 @@ class ResumableSampler(torch.utils.data.Sampler):
         self.shuffle = shuffle
         self.epoch = 0
         self.start = 0
-        self.per_rank = math.ceil(num_samples / world_size)
+        self.repeats = int(num_repeats)
+        if self.repeats == 1:
+            self.per_rank = math.ceil(num_samples / world_size)
+        elif num_samples >= 256:
+            self.per_rank = num_samples // 256 * 256 // world_size
+        else:
+            self.per_rank = math.ceil(num_samples / world_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -177,6 +192,11 @@ class ResumableSampler(torch.utils.data.Sampler):
             idx = torch.randperm(self.n, generator=g).tolist()
         else:
             idx = list(range(self.n))
+        if self.repeats > 1:
+            idx = [i + r * self.n for i in idx for r in range(self.repeats)]
+            total = math.ceil(len(idx) / self.world) * self.world
+            idx += idx[:total - len(idx)]
+            return idx[self.rank:total:self.world][:self.per_rank]
         total = self.per_rank * self.world
         idx += idx[:total - len(idx)]
         return idx[self.rank:total:self.world]

@@ -427,12 +427,28 @@ def _cfg(url: str = '', **kwargs) -> Dict:
     }
 
 
+def _deit_init_cfg(deit: str, file: str) -> Dict:
+    # The official training's initialisation (``Model/SAT.py``, ``pretrained=True``): FB's DeiT ImageNet weights, the
+    # same tensors timm hosts as ``<deit>.fb_in1k``. checkpoint_filter_fn maps them; the spatial token, its position
+    # embedding and the conv head keep their init. Use with ``pretrained=True`` to start a SAT training.
+    return _cfg(hf_hub_id=f'timm/{deit}.fb_in1k', url=f'https://dl.fbaipublicfiles.com/deit/{file}',
+                license='apache-2.0', description=f'{deit} ImageNet-1k weights (FB DeiT), the official SAT '
+                                                  f'initialisation; not a trained SAT model')
+
+
 default_cfgs = generate_default_cfgs({
     'sat_deit_tiny.in1k': _cfg(),
     'sat_deit_small.in1k': _cfg(**manifest_cfg('sat_deit_small.in1k')),
     'sat_deit_small.cub': _cfg(num_classes=200, **manifest_cfg('sat_deit_small.cub')),
     'sat_deit_base.in1k': _cfg(),
+    'sat_deit_tiny.fb_in1k': _deit_init_cfg('deit_tiny_patch16_224', 'deit_tiny_patch16_224-a1311bcf.pth'),
+    'sat_deit_small.fb_in1k': _deit_init_cfg('deit_small_patch16_224', 'deit_small_patch16_224-cd65a155.pth'),
+    'sat_deit_base.fb_in1k': _deit_init_cfg('deit_base_patch16_224', 'deit_base_patch16_224-b5f2ef4d.pth'),
 })
+# The bare names stay SAT's own models (timm would make the tag with a download, fb_in1k, the default).
+for _arch in default_cfgs:
+    default_cfgs[_arch].tags.remove('fb_in1k')
+    default_cfgs[_arch].tags.append('fb_in1k')
 
 
 @register_model
