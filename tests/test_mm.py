@@ -353,3 +353,36 @@ def test_cityscapes_c_tool(tmp_path):
     eval_cityscapes_c.make_corrupted(src, b, 'impulse_noise', 2)
     fa = sorted(glob.glob(a + '/**/*.png', recursive=True))
     assert fa and all(open(x, 'rb').read() == open(x.replace(a, b), 'rb').read() for x in fa)
+
+
+@pytest.mark.parametrize('corruption', ['snow', 'frost', 'spatter', 'jpeg_compression', 'gaussian_noise'])
+def test_cityscapes_c_images_equal_the_official_generation(tmp_path, corruption):
+    # guoyongcs/TAPADL TAPADL_FAN/segmentation/tools/gen_city_c.py: img = mmcv.imread(path) (BGR),
+    # corrupt(img, corruption_name=p, severity=s), mmcv.imwrite(result, out_path); np.random seeded as the tool does
+    import mmcv
+    import numpy as np
+    from vitzoo.data.dense import write_cityscapes
+    from vitzoo.data.imagenet_c import load_imagecorruptions
+    corrupt = load_imagecorruptions()
+    data = str(tmp_path / 'city')
+    write_cityscapes(data, num_train=0, num_val=1, img_size=(96, 160))
+    src = osp.join(data, 'leftImg8bit', 'val')
+    severity, seed = 3, 8
+    out_dir = str(tmp_path / 'ours')
+    (rel,) = eval_cityscapes_c.make_corrupted(src, out_dir, corruption, severity, seed=seed)
+    ours = osp.join(out_dir, rel)
+
+    bgr = mmcv.imread(osp.join(src, rel))
+    np.random.seed(eval_cityscapes_c._image_seed(seed, corruption, severity, rel))
+    official = corrupt(bgr, corruption_name=corruption, severity=severity)
+    official_path = str(tmp_path / 'official' / osp.basename(rel))
+    mmcv.imwrite(official, official_path)
+    assert official.dtype == np.uint8 and official.shape == bgr.shape
+    assert np.array_equal(mmcv.imread(ours), mmcv.imread(official_path))  # pixel-exact
+    assert open(ours, 'rb').read() == open(official_path, 'rb').read()    # and the same file
+
+    # the channel order matters for these corruptions: the same seed on the RGB array gives another image
+    if corruption != 'gaussian_noise':
+        np.random.seed(eval_cityscapes_c._image_seed(seed, corruption, severity, rel))
+        from_rgb = corrupt(np.ascontiguousarray(bgr[..., ::-1]), corruption_name=corruption, severity=severity)
+        assert not np.array_equal(from_rgb[..., ::-1], official)

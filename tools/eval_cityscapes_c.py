@@ -4,12 +4,18 @@
 python tools/eval_cityscapes_c.py CONFIG CHECKPOINT --data-root data/cityscapes [--work-dir DIR]
     [--corruptions gaussian_blur ...] [--severities 1 2 3 4 5] [--max-images N] [--cfg-options k=v ...]
 
-Protocol (TAPADL ``segmentation/test_cityscapes_c.py``, ``specs/imagenet-c.md`` §7): 16 corruptions in 4 groups,
+Protocol (guoyongcs/TAPADL@6e4dbff ``TAPADL_FAN/segmentation/test_cityscapes_c.py``): 16 corruptions in 4 groups,
 blur (gaussian, motion, glass, defocus), noise (gaussian, shot, speckle, impulse; severities 1-3 only), digital
 (contrast, jpeg_compression, saturate, brightness), weather (snow, fog, frost, spatter); severities 1-5 otherwise.
-Corrupted images are made with imagecorruptions 1.1.2 (with vitzoo's scikit-image / NumPy 2 shim) and cached under
-``WORK_DIR/images/<corruption>/<severity>/``; each image is corrupted with ``np.random`` seeded from (seed, corruption,
-severity, image path), so the set is deterministic and independent of the order or subset evaluated.
+Corrupted images are made as the official ``TAPADL_FAN/segmentation/tools/gen_city_c.py`` makes them: read with
+``mmcv.imread`` (a BGR array), ``imagecorruptions.corrupt`` (1.1.2, with vitzoo's scikit-image / NumPy 2 shim) applied
+to that BGR array, the uint8 result written with ``mmcv.imwrite`` under the source file's name (PNG: lossless). The
+channel order matters: snow, frost, spatter and JPEG treat the channels differently, so RGB input gives other images.
+They are cached under ``WORK_DIR/images/<corruption>/<severity>/``.
+Deviation: the official script seeds ``np.random`` once (8) and draws every image from that one stream in the
+(file-system dependent) ``mmcv.scandir`` order over all 19 corruptions; here each image is corrupted with ``np.random``
+seeded from (seed, corruption, severity, image path), so the set is reproducible on any machine and independent of the
+order or subset evaluated.
 Outputs ``WORK_DIR/cityscapes_c.json`` and ``.csv``: mIoU per corruption and severity, per corruption (mean over its
 severities), per group, the 16-corruption average and the clean mIoU.
 """
@@ -44,31 +50,18 @@ def _image_seed(seed: int, corruption: str, severity: int, rel_path: str) -> int
 
 
 def _load_corrupt():
-    """``imagecorruptions.corrupt`` with the scikit-image / NumPy 2 shim (ENVIRONMENT.md §7.1)."""
-    try:
-        from vitzoo.data.imagenet_c import load_imagecorruptions  # shared shim (also seeds skimage's noise)
-        return load_imagecorruptions()
-    except ImportError:
-        import numpy as np
-        import imagecorruptions.corruptions as mod
-        from imagecorruptions import corrupt
-        from skimage.filters import gaussian as sk_gaussian
-
-        def gaussian_compat(image, sigma=1, multichannel=None, **kw):
-            if multichannel is not None and 'channel_axis' not in kw:
-                kw['channel_axis'] = -1 if multichannel else None
-            return sk_gaussian(image, sigma=sigma, **kw)
-        mod.gaussian = gaussian_compat
-        if 'float_' not in np.__dict__:
-            np.float_ = np.float64
-        return corrupt
+    """``imagecorruptions.corrupt`` with vitzoo's scikit-image / NumPy 2 shim (which also seeds skimage's noise from
+    ``np.random``, as the scikit-image of the official runs did)."""
+    from vitzoo.data.imagenet_c import load_imagecorruptions
+    return load_imagecorruptions()
 
 
 def make_corrupted(src_dir: str, dst_dir: str, corruption: str, severity: int, seed: int = 8,
                    suffix: str = '_leftImg8bit.png', max_images: int = 0) -> List[str]:
-    """Write the corrupted copy of every ``*suffix`` image under ``src_dir`` (kept if already there)."""
+    """Write the corrupted copy of every ``*suffix`` image under ``src_dir`` (kept if already there), as the official
+    ``gen_city_c.py``: BGR in (``mmcv.imread``), ``corrupt``, ``mmcv.imwrite``; ``np.random`` seeded per image."""
+    import mmcv
     import numpy as np
-    from PIL import Image
     corrupt = _load_corrupt()
     files = sorted(osp.relpath(osp.join(r, f), src_dir) for r, _, fs in os.walk(src_dir) for f in fs
                    if f.endswith(suffix))
@@ -79,10 +72,10 @@ def make_corrupted(src_dir: str, dst_dir: str, corruption: str, severity: int, s
         if osp.isfile(out):
             continue
         os.makedirs(osp.dirname(out), exist_ok=True)
-        img = np.asarray(Image.open(osp.join(src_dir, rel)).convert('RGB'))
+        img = mmcv.imread(osp.join(src_dir, rel))  # BGR, as the official script corrupts it
         np.random.seed(_image_seed(seed, corruption, severity, rel))
         img = corrupt(img, corruption_name=corruption, severity=severity)
-        Image.fromarray(np.uint8(img)).save(out)
+        mmcv.imwrite(np.uint8(img), out)
     return files
 
 
