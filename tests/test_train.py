@@ -115,7 +115,9 @@ def test_method_losses(data, tmp_path, method, capsys):
         terms = ['cls_loss', 'adl_loss']
     elif method == 'sat':
         args += ['--model', 'sat_deit_tiny', '--model-kwargs', 'embed_dim=32', 'depth=3', 'num_heads=2',
-                 'patch_size=8', 'num_spatial_blocks=2', '--area-thr', '0.3']
+                 'patch_size=8', 'num_spatial_blocks=2', '--area-thr', '0.3',
+                 # the recipe's crop, plus repeated augmentation: both through a real run
+                 '--train-crop-mode', 'squash', '--train-resize', '40', '--aug-repeats', '3']
         terms = ['cls_loss', 'area_loss', 'norm_loss']
     else:
         phase = method.split('_', 1)[1]
