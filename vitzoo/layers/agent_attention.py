@@ -35,6 +35,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = ['AgentAttention', 'agent_attention', 'resize_bias_1d', 'resize_agent_grid', 'split_qkv']
 
@@ -59,7 +60,9 @@ def resize_bias_1d(bias: torch.Tensor, size: int, dim: int) -> torch.Tensor:
         size: New length of axis ``dim``.
         dim: The axis to resize.
     """
-    if bias.shape[dim] == size:
+    # statically_known_true: under dynamic-shape tracing a symbolic size takes the (exact at equal sizes) resize
+    # instead of installing a guard that would specialise the graph to the example size
+    if statically_known_true(bias.shape[dim] == size):
         return bias
     x = bias.movedim(dim, -1)
     shape = x.shape

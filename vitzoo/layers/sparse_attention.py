@@ -58,6 +58,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = [
     'ConnectivityPredictor', 'SparseAttention', 'resize_token_projection', 'attention_budget', 'mask_from_indices',
@@ -89,7 +90,9 @@ def resize_token_projection(
         rescale: Multiply the patch rows by ``old_patches / new_patches`` (for projections that sum over tokens).
     """
     new_grid, old_grid = tuple(new_grid), tuple(old_grid)
-    if new_grid == old_grid:
+    # a symbolic grid (dynamic-shape compile / export) takes the resize, exact at an equal size, rather than a guard
+    # specialising the graph to the example size
+    if all(statically_known_true(a == b) for a, b in zip(new_grid, old_grid)):
         return weight
     n_old = old_grid[0] * old_grid[1]
     if weight.shape[0] != num_prefix_tokens + n_old:

@@ -3,9 +3,21 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import Mlp as _TimmMlp
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-__all__ = ['CheckpointError', 'unwrap_state_dict', 'check_state_dict', 'embed_patches', 'Mlp']
+__all__ = ['CheckpointError', 'unwrap_state_dict', 'check_state_dict', 'embed_patches', 'sizes_match', 'Mlp']
+
+
+def sizes_match(a: Tuple[int, ...], b: Tuple[int, ...]) -> bool:
+    """``tuple(a) == tuple(b)`` for sizes; False without a guard when tracing with symbolic sizes.
+
+    Models skip a resize (of a position table or bias) when the token grid equals the trained one. Under
+    dynamic-shape ``torch.compile`` / ``torch.export`` that comparison would install a guard specialising the graph
+    to the example size; a symbolic size takes the resize instead, which is exact at an equal size.
+    """
+    return len(a) == len(b) and all(statically_known_true(x == y) for x, y in zip(a, b))
 
 
 class CheckpointError(ValueError):
@@ -127,7 +139,6 @@ def embed_patches(
     Returns:
         ``(tokens (B, h*w, C), pos (1, P + h*w, C) resized to the grid, (h, w))``.
     """
-    from timm.layers import resample_abs_pos_embed
     H, W = x.shape[-2:]
     p = model.patch_size
     if H % p or W % p or H < p or W < p:
@@ -135,9 +146,14 @@ def embed_patches(
     x = model.patch_embed(x)  # B, h, w, C
     B, h, w, C = x.shape
     pos = model.pos_embed
-    if (h, w) != tuple(model.patch_embed.grid_size):
-        pos = resample_abs_pos_embed(pos, new_size=(h, w), old_size=model.patch_embed.grid_size,
-                                     num_prefix_tokens=model.num_prefix_tokens)
+    gh, gw = model.patch_embed.grid_size
+    if not sizes_match((h, w), (gh, gw)):
+        # timm's resample_abs_pos_embed (bicubic, antialias) without its size-match early-out, which would
+        # specialise a dynamic-shape graph to the example size (bicubic at an equal size is exact anyway)
+        P = model.num_prefix_tokens
+        grid = pos[:, P:].float().reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(h, w), mode='bicubic', antialias=True).flatten(2).transpose(1, 2)
+        pos = torch.cat([pos[:, :P], grid.to(pos.dtype)], dim=1)
     return x.reshape(B, h * w, C), pos, (h, w)
 
 

@@ -42,7 +42,7 @@ from timm.models._features import feature_take_indices
 
 from vitzoo.layers.agent_attention import AgentAttention, resize_bias_1d
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
-from ._helpers import Mlp, check_state_dict, unwrap_state_dict
+from ._helpers import Mlp, check_state_dict, sizes_match, unwrap_state_dict
 
 __all__ = ['AgentPVT']
 
@@ -222,7 +222,7 @@ class AgentPvtStage(nn.Module):
 
     def _pos_embed(self, hw: Tuple[int, int]) -> torch.Tensor:
         pos = self.pos_embed
-        if tuple(hw) == self.grid_size:
+        if sizes_match(hw, self.grid_size):
             return pos
         # bilinear, align_corners=False, no antialias: what the official model does at other resolutions
         C = pos.shape[-1]
