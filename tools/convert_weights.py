@@ -238,7 +238,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         e = result['eval']
         print(f"eval on {args.eval_dir}: {e['images']} images, top-1 {e['top1']:.2f}%, top-5 {e['top5']:.2f}% "
               f"(input {e['data_config']['input_size']}, crop_pct {e['data_config']['crop_pct']}, "
-              f"{e['data_config']['interpolation']})")
+              f"{e['data_config'].get('crop_mode', 'center')}, {e['data_config']['interpolation']})")
     return result
 
 
