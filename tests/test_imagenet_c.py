@@ -446,3 +446,10 @@ def test_subset_and_clean_images_go_through_the_model_transform(tool, data, tmp_
                           atol=1e-6)
     assert res['clean_transform'].startswith('squash: Resize((36, 36), bicubic)')
     assert res['protocol_description'].startswith('hendrycks') and 'CenterCrop(32)' in res['protocol_description']
+
+
+def test_help_documents_the_preprocessing_protocols(tool):
+    text = tool.build_parser().format_help()
+    for needle in ('--protocol crop', 'hendrycks', 'augmix', 'TAPADL', 'clean, -A, -R', '--crop-pct', '--crop-mode',
+                   '--interpolation', 'make_imagenet_c.py'):
+        assert needle in text, needle
