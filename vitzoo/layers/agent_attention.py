@@ -37,7 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-__all__ = ['AgentAttention', 'agent_attention', 'resize_bias_1d', 'resize_agent_grid', 'split_qkv']
+__all__ = ['AgentAttention', 'agent_attention', 'adaptive_avg_pool', 'resize_bias_1d', 'resize_agent_grid',
+           'split_qkv']
 
 
 def split_qkv(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
@@ -86,6 +87,27 @@ def resize_agent_grid(bias: torch.Tensor, old_hw: Tuple[int, int], new_hw: Tuple
     x = x.reshape(-1, 1, *old_hw).float()
     x = F.interpolate(x, size=new_hw, mode='bilinear', align_corners=False)
     return x.to(bias.dtype).reshape(*shape[:-1], new_hw[0] * new_hw[1]).movedim(-1, dim)
+
+
+def _pool_matrix(size: int, out: int, like: torch.Tensor) -> torch.Tensor:
+    # (out, size) averaging weights of adaptive pooling: bin i covers [floor(i*size/out), ceil((i+1)*size/out))
+    pos = torch.arange(size, device=like.device)
+    i = torch.arange(out, device=like.device)
+    inside = (pos >= (i * size // out)[:, None]) & (pos < (((i + 1) * size + out - 1) // out)[:, None])
+    inside = inside.to(like.dtype)
+    return inside / inside.sum(1, keepdim=True)
+
+
+def adaptive_avg_pool(x: torch.Tensor, out: Tuple[int, int]) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d(x, out)``; as two averaging GEMMs when exporting (torch.export / ONNX).
+
+    The ONNX exporters turn adaptive pooling into an AveragePool whose kernel is fixed at the example size, wrong for
+    any other grid; the GEMM form computes the same bins for every size (equal up to summation order, ~1e-7).
+    """
+    if not torch.compiler.is_exporting():
+        return F.adaptive_avg_pool2d(x, out)
+    h, w = x.shape[-2:]
+    return _pool_matrix(h, out[0], x) @ x @ _pool_matrix(w, out[1], x).transpose(0, 1)
 
 
 @torch.compiler.assume_constant_result
@@ -389,7 +411,7 @@ class AgentAttention(nn.Module):
         ph, pw = self.agent_hw
         # Tokens viewed as channels-last (B, C, h, w) maps: pooling and the DWC need no transposed copies.
         q_grid = q[:, P:].reshape(B, h, w, C).permute(0, 3, 1, 2)
-        agents = F.adaptive_avg_pool2d(q_grid, (ph, pw)).reshape(B, H, d, ph * pw).transpose(-1, -2)
+        agents = adaptive_avg_pool(q_grid, (ph, pw)).reshape(B, H, d, ph * pw).transpose(-1, -2)
         q = q.reshape(B, N, H, d).transpose(1, 2)
         v_grid = v[:, P:]
         k = k.reshape(B, -1, H, d).transpose(1, 2)
@@ -483,7 +505,7 @@ class AgentAttention(nn.Module):
         n = ph * pw
         # agents: pooling commutes with the affine q projection (its weights sum to one)
         x_grid = x[:, P:].reshape(B, h, w, C).permute(0, 3, 1, 2)
-        agents = F.linear(F.adaptive_avg_pool2d(x_grid, (ph, pw)).flatten(2).transpose(1, 2), wq, bq)
+        agents = F.linear(adaptive_avg_pool(x_grid, (ph, pw)).flatten(2).transpose(1, 2), wq, bq)
         a = agents.view(B, n, H, d).transpose(1, 2)  # (B, H, n, d)
         # (A_h W_h) s for keys and queries: the logits come straight from the un-projected tokens. They are kept
         # agents-major (B, H*n, tokens): the stage-2 softmax across rows then vectorises over tokens (over 9

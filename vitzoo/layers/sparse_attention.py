@@ -287,7 +287,7 @@ def topk_nonneg(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tenso
     """
     scores = scores.detach()
     view = _INT_VIEW.get(scores.element_size()) if scores.is_floating_point() else None
-    if view is None:
+    if view is None or torch.compiler.is_exporting():  # ONNX has no bit-cast view: exported graphs use the float top-k
         return scores.topk(k, dim=-1, sorted=False)
     val, idx = scores.view(view).topk(k, dim=-1, sorted=False)
     return val.view(scores.dtype), idx
