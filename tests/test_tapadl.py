@@ -365,3 +365,126 @@ def test_adl_decreases_in_short_training():
     assert on[0] == pytest.approx(off[0])  # same start
     assert sum(on[1:]) / 5 < sum(off[1:]) / 5 - 0.01
     assert on[-1] < on[0] - 0.1
+
+
+# ---------------------------------------------------------------- patch-wise augmentation (official --use_patch_aug)
+
+_MEAN, _STD = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+
+
+def _images(n: int, size: int = 224, seed: int = 0) -> torch.Tensor:
+    """Normalised random images with pixels in [0.1, 0.9] (the [0, 1] clamp never bites on 0.01 noise)."""
+    g = torch.Generator().manual_seed(seed)
+    return (0.1 + 0.8 * torch.rand(n, 3, size, size, generator=g) - _MEAN) / _STD
+
+
+def _aug(**p):
+    from vitzoo.data.patch_aug import PatchLevelAug
+    return PatchLevelAug(16, **dict(dict(crop_p=0.0, noise_p=0.0, flip_p=0.0), **p))
+
+
+def _changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per patch: whether it differs."""
+    from vitzoo.data.patch_aug import to_patches
+    return (to_patches(a, 16) != to_patches(b, 16)).flatten(1).any(1)
+
+
+def test_patch_aug_layout_is_the_official_unfold_fold():
+    """TAPADL_RVT/engine.py patch_level_aug: unfold -> permute(0,2,3,1,4,5) -> patches, F.fold back, clamp."""
+    from vitzoo.data.patch_aug import PatchLevelAug, from_patches, to_patches
+    x = torch.randn(2, 3, 64, 48)
+    ps = 16
+    official = x.unfold(2, ps, ps).unfold(3, ps, ps).permute(0, 2, 3, 1, 4, 5).contiguous().reshape(-1, 3, ps, ps)
+    assert torch.equal(to_patches(x, ps), official)
+    folded = F.fold(official.reshape(2, -1, 3, ps, ps).permute(0, 2, 3, 4, 1).reshape(2, 3 * ps * ps, -1), (64, 48),
+                    ps, stride=ps)
+    assert torch.equal(from_patches(official, 2, 64, 48), folded)
+    # every op off: the images come back clamped to the normalised [0, 1] limits and otherwise unchanged
+    out = PatchLevelAug(16, crop_p=0.0, noise_p=0.0, flip_p=0.0)(x * 3)
+    assert torch.equal(out, torch.max(torch.min(x * 3, (1 - _MEAN) / _STD), (0 - _MEAN) / _STD))
+    assert (x * 3 != out).any()
+
+
+def test_patch_aug_changes_about_ten_percent_per_op():
+    x = _images(16)  # 3136 patches
+    torch.manual_seed(0)
+    for op in ('noise_p', 'flip_p'):  # per patch (kornia's element probability)
+        frac = _changed(_aug(**{op: 0.1})(x), x).float().mean().item()
+        assert 0.08 <= frac <= 0.12, (op, frac)
+    # the crop: kornia's batch probability (p_batch) -> one call in ten crops every patch
+    small, crop = _images(1, 64), _aug(crop_p=0.1)
+    calls = torch.stack([_changed(crop(small), small) for _ in range(300)])  # (calls, 16 patches)
+    applied = calls.any(1)
+    assert 0.05 <= applied.float().mean().item() <= 0.15
+    assert calls[applied].float().mean().item() >= 0.99  # kornia 0.6.11 never draws a full-size (identity) crop
+    # all three with the official defaults: shape, limits, repeatable under a seed
+    from vitzoo.data.patch_aug import PatchLevelAug
+    aug = PatchLevelAug(16)
+    torch.manual_seed(3)
+    a = aug(x)
+    torch.manual_seed(3)
+    b = aug(x)
+    torch.manual_seed(4)
+    c = aug(x)
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+    assert ((a >= (0 - _MEAN) / _STD) & (a <= (1 - _MEAN) / _STD)).all()
+    for out in (a, c):  # a cropping call changes every patch, else noise or flip ~1 - 0.9 ** 2 of them
+        frac = _changed(out, x).float().mean().item()
+        assert frac >= 0.99 or 0.15 < frac < 0.23, frac
+
+
+def test_patch_aug_each_op_does_what_it_says():
+    from vitzoo.data.patch_aug import PatchResizedCrop, to_patches
+    x = _images(16)
+    px = to_patches(x, 16)
+    torch.manual_seed(1)
+    out = _aug(noise_p=0.1)(x)
+    d = to_patches(out, 16) - px
+    hit = d.flatten(1).ne(0).any(1)
+    assert d[~hit].abs().max() == 0
+    assert d[hit].std().item() == pytest.approx(0.01, rel=0.02) and abs(d[hit].mean().item()) < 5e-4
+    out = _aug(flip_p=0.1)(x)
+    po = to_patches(out, 16)
+    hit = _changed(out, x)
+    assert hit.any() and torch.equal(po[hit], px[hit].flip(-1)) and torch.equal(po[~hit], px[~hit])
+    # crop: each patch is a bilinear (align_corners) resize of a strictly smaller square window of itself
+    x = _images(2, 32)
+    px, po = to_patches(x, 16), to_patches(_aug(crop_p=1.0)(x), 16)
+    sides = []
+    for p, o in zip(px, po):
+        found = [s for s in range(8, 16) for i in range(17 - s) for j in range(17 - s) if torch.allclose(
+            F.interpolate(p[None, :, i:i + s, j:j + s], (16, 16), mode='bilinear', align_corners=True)[0], o,
+            atol=1e-6, rtol=0)]
+        assert found, 'a cropped patch is no resized window of its patch'
+        sides.append(found[0])
+    assert set(sides) == {15}  # round(16 * sqrt(scale)), scale in [0.85, 1), a full-size draw rejected
+    # the grouped crop / resize equals kornia's per-patch crop_by_indices (RandomResizedCrop's 'slice' mode)
+    import kornia
+    patches = torch.rand(300, 3, 16, 16)
+    crop = PatchResizedCrop(scale=(0.3, 1.0), ratio=(0.5, 2.0))
+    boxes = crop.sample(300, 16, 16)
+    assert len(torch.unique(boxes[:, 2:], dim=0)) > 5
+    y0, x0, h, w = boxes.T
+    src = torch.stack([torch.stack(c, 1) for c in ((x0, y0), (x0 + w - 1, y0), (x0 + w - 1, y0 + h - 1),
+                                                   (x0, y0 + h - 1))], 1).float()
+    ref = kornia.geometry.transform.crop_by_indices(patches, src, size=(16, 16), interpolation='bilinear',
+                                                    align_corners=True)
+    assert torch.equal(crop.crop_resize(patches, boxes), ref)
+
+
+def test_patch_aug_uses_the_models_patch_size():
+    """The official code hard-codes 16 (224 px) / 4 (32 px); here the model's patch size, at any multiple of it."""
+    from vitzoo.data.patch_aug import PatchLevelAug, model_patch_size
+    assert model_patch_size(timm.create_model('tap_rvt_tiny', num_classes=4, img_size=32, base_dims=[16], depth=[2],
+                                              heads=[2])) == 16
+    assert model_patch_size(timm.create_model('tap_fan_tiny_12_p16_224', embed_dim=32, depth=1, num_heads=2,
+                                              patch_size=8)) == 8
+    assert model_patch_size(timm.create_model('vit_tiny_patch16_224', depth=1)) == 16
+    with pytest.raises(ValueError, match='ResNet has no patch size'):
+        model_patch_size(timm.create_model('resnet18'))
+    x = _images(2, 40)[..., :24]  # 40 x 24: 8-px patches
+    torch.manual_seed(0)
+    out = PatchLevelAug(8, flip_p=1.0, noise_p=0.0, crop_p=0.0)(x)
+    assert torch.equal(out, x.reshape(2, 3, 5, 8, 3, 8).flip(-1).reshape(2, 3, 40, 24))  # every 8x8 patch flipped
+    with pytest.raises(ValueError, match='the input 40x24 is not a multiple of the patch size 16'):
+        PatchLevelAug(16)(x)

@@ -305,3 +305,108 @@ def test_sparsifiner_schedule_is_the_official_per_iteration_cosine(config, base,
     np.testing.assert_allclose(ours[:w], base * np.arange(w) / w, rtol=1e-12, atol=0)  # timm's warmup ...
     assert np.abs(np.array(ours[:w]) - official[:w]).max() <= base / (w - 1)  # ... one warmup step from linspace
     assert ours[1] > ours[0] == 0.0 and ours[iters] > ours[iters - 1]  # rises within epoch 0 and across epochs
+
+
+# ---- --patch-aug: TAP-ADL's patch-wise augmentation (a second forward / backward before the normal one) ------------
+
+RVT_TINY = dict(img_size=32, base_dims=[16], depth=[2], heads=[2])  # 2x2 patches of 16 px at 32 px
+
+
+def _spy_patch_aug(monkeypatch, records: dict) -> None:
+    """Record what the run's patch augmentation and classification loss see (the real ones still run)."""
+    real_build, real_loss = train.build_patch_aug, train.build_method_loss
+
+    class Spy(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            out = self.inner(x)
+            records.setdefault('x', []).append(x.detach().cpu().clone())
+            records.setdefault('x_aug', []).append(out.detach().cpu().clone())
+            return out
+
+    class TargetSpy(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, logits, target):
+            records.setdefault('y', []).append(target.detach().cpu().clone())
+            return self.inner(logits, target)
+
+    def build_loss(args, model, cls_loss):
+        return real_loss(args, model, TargetSpy(cls_loss))
+
+    monkeypatch.setattr(train, 'build_patch_aug', lambda *a: Spy(real_build(*a)))
+    monkeypatch.setattr(train, 'build_method_loss', build_loss)
+
+
+def test_patch_aug_step_applies_the_sum_of_both_gradients(data, tmp_path, monkeypatch):
+    """One SGD step (lr 1, no momentum / decay / clipping) moves every weight by -(g_aug + g_main): g_aug of the
+    classification loss on the patch-augmented copy (same targets, no ADL), g_main of cls + ADL on the batch."""
+    from vitzoo.losses.adl import AttentionDiversificationLoss
+    records = {}
+    _spy_patch_aug(monkeypatch, records)
+    init = _tiny_ckpt(tmp_path, 'tap_rvt_tiny', **RVT_TINY)
+    out = train.main(['--data-dir', str(data), '--model', 'tap_rvt_tiny', '--img-size', '32', '--model-kwargs',
+                      'base_dims=[16]', 'depth=[2]', 'heads=[2]', '--initial-checkpoint', init, '--threads', '1',
+                      '-j', '0', '-b', '16', '--crop-pct', '1.0', '--no-aug', '--smoothing', '0', '--opt', 'momentum',
+                      '--momentum', '0', '--weight-decay', '0', '--lr', '1.0', '--warmup-epochs', '0',
+                      '--epochs', '1', '--max-steps-per-epoch', '1', '--adl-threshold', '0.5', '--patch-aug',
+                      '--seed', '5', '--output', str(tmp_path), '--experiment', 'sum'])
+    x, x_aug = records['x'][0], records['x_aug'][0]
+    y_aug, y_main = records['y'][:2]  # the augmented pass first, then the normal one, same targets
+    assert len(records['x']) == 1 and torch.equal(y_aug, y_main)
+    assert not torch.equal(x, x_aug) and x.shape == x_aug.shape  # some of the 64 patches were augmented
+
+    before = _load(init)['model']
+    after = _load(Path(out['output_dir']) / 'last.pth')['model']
+    model = timm.create_model('tap_rvt_tiny', num_classes=4, **RVT_TINY)
+    model.load_state_dict(before)
+    model.train()
+    params = dict(model.named_parameters())
+
+    def grads(loss):
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(params.values()))])
+
+    g_aug = grads(torch.nn.functional.cross_entropy(model(x_aug), y_aug))
+    logits, attn = model(x, return_attn=True)
+    adl = AttentionDiversificationLoss(1.0, 0.5)(attn)
+    assert adl.item() > 0
+    g_main = grads(torch.nn.functional.cross_entropy(logits, y_main) + adl)
+    step = torch.cat([(before[k] - after[k]).flatten() for k in params])  # = lr * summed gradient, lr 1
+    tol = 1e-5 * (g_aug + g_main).abs().max().item()
+    assert (step - (g_aug + g_main)).abs().max().item() <= tol
+    assert (step - g_main).abs().max().item() > 100 * tol  # the augmented pass really contributed
+    assert (step - 2 * g_main).abs().max().item() > 100 * tol  # ... with the augmented images, not the batch
+
+
+def test_patch_aug_run_logs_its_loss_and_checks_inputs(data, tmp_path, capsys):
+    """A tiny --patch-aug run on the shapes data trains and logs patch_aug_loss; the recipe shows patch_aug."""
+    base = ['--data-dir', str(data), '--model', 'tap_rvt_tiny', '--img-size', '32', '--model-kwargs',
+            'base_dims=[16]', 'depth=[2]', 'heads=[2]', *FAST, '--epochs', '1', '--max-steps-per-epoch', '2',
+            '--mixup', '0.8', '--cutmix', '1.0', '--adl-threshold', '0.5', '--output', str(tmp_path),
+            '--log-interval', '1']
+    out = train.main(base + ['--patch-aug', '--experiment', 'run'])
+    log = capsys.readouterr().err
+    row = _rows(out['output_dir'])[0]
+    assert 'patch_aug_loss=' in log and 0 < float(row['train_patch_aug_loss']) < 10
+    assert float(row['train_cls_loss']) > 0 and float(row['train_adl_loss']) > 0
+    recipe = train.main(base + ['--patch-aug', '--print-recipe'])
+    assert recipe['patch_aug'] is True and train.main(base + ['--print-recipe'])['patch_aug'] is False
+    with pytest.raises(TrainError, match='--patch-aug .* for --method adl or none, not .sat.'):
+        train.main(base + ['--patch-aug', '--method', 'sat', '--print-recipe'])
+    with pytest.raises(TrainError, match="--patch-aug cuts images into the model's 16x16 patches: the image size 40"):
+        train.main([*base, '--img-size', '40', '--patch-aug', '--experiment', 'bad'])
+    with pytest.raises(TrainError, match='--patch-aug: ResNet has no patch size'):
+        train.main([*base, '--model', 'resnet18', '--model-kwargs', '--method', 'none', '--patch-aug',
+                    '--experiment', 'bad2'])
+
+
+def test_tap_rvt_configs_train_with_patch_aug():
+    """TAPADL_RVT/README.md trains RVT-B* with --use_patch_aug; the other sizes reuse that command."""
+    for f in sorted((ROOT / 'configs' / 'train').glob('tap_*.yaml')):
+        args = train.parse_args(['-c', str(f)])
+        assert train.resolve_recipe(args)['patch_aug'] is f.stem.startswith('tap_rvt_'), f.stem

@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import vitzoo  # noqa: E402,F401  (registers the models)
 from vitzoo.train_utils import (  # noqa: E402
     MethodLoss, ResumableSampler, SeededDataset, ShardSampler, TrainError, TrainWrapper, atomic_save, check_head,
-    get_rng_state, load_checkpoint, method_of, set_rng_state, to_primitive)
+    get_rng_state, load_checkpoint, logits_of, method_of, set_rng_state, to_primitive)
 
 _logger = logging.getLogger('train')
 
@@ -144,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--mixup-switch-prob', type=float, default=0.5)
     g.add_argument('--mixup-mode', default='batch')
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    g.add_argument('--patch-aug', action='store_true',
+                   help="TAP-ADL's patch-wise augmentation (official --use_patch_aug): every step also trains on a "
+                        'copy of the (mixed) batch whose patches are crop-resized / noised / flipped (kornia, p 0.1 '
+                        'each), a second forward / backward with the classification loss only, before the normal one')
     g.add_argument('--model-ema', action='store_true', help='keep an EMA of the weights (timm ModelEmaV3)')
     g.add_argument('--model-ema-decay', type=float, default=0.9998)
     g = p.add_argument_group('method losses')
@@ -284,7 +288,10 @@ def _extra_recipe(args: argparse.Namespace, recipe: Dict) -> Dict:
                              "'random' is for the random-resized crop")
     out = dict(train_crop_mode=mode, train_resize=args.train_resize if mode == 'squash' else None,
                train_interpolation=train_interp, aug_repeats=args.aug_repeats, warmup_prefix=bool(args.warmup_prefix),
-               amp=bool(args.amp))
+               amp=bool(args.amp), patch_aug=bool(args.patch_aug))
+    if args.patch_aug and recipe['method'] not in ('adl', 'none'):
+        raise TrainError(f"--patch-aug trains the augmented copy with the classification loss alone (the TAP-ADL "
+                         f"recipe): it is for --method adl or none, not {recipe['method']!r}")
     out.update({k: getattr(args, k) for k in _METHOD_KEYS.get(recipe['method'], ())})
     if recipe['method'] == 'sparsifiner':
         out['teacher'] = args.teacher or 'student, dense'
@@ -479,6 +486,21 @@ def load_weights(model: nn.Module, path: str) -> None:
         _logger.warning(f'{path}: {len(missing)} parameters not in the checkpoint, left as initialised: {missing[:5]}')
 
 
+def build_patch_aug(model: nn.Module, recipe: Dict, device: str) -> nn.Module:
+    """``--patch-aug``: :class:`vitzoo.data.patch_aug.PatchLevelAug` with the model's patch size and the recipe's
+    normalisation (the clamp limits)."""
+    try:
+        from vitzoo.data.patch_aug import PatchLevelAug, model_patch_size
+        size = model_patch_size(model)
+        aug = PatchLevelAug(size, mean=recipe['mean'], std=recipe['std'])
+    except (ImportError, ValueError) as e:
+        raise TrainError(f'--patch-aug: {e}') from e
+    if recipe['img_size'] % size:
+        raise TrainError(f'--patch-aug cuts images into the model\'s {size}x{size} patches: the image size '
+                         f'{recipe["img_size"]} is not a multiple of {size}')
+    return aug.to(device)
+
+
 def build_method_loss(args: argparse.Namespace, model: nn.Module, cls_loss: nn.Module) -> MethodLoss:
     method = method_of(args.model) if args.method == 'auto' else args.method
     args.method = method
@@ -652,6 +674,7 @@ def _train(args: argparse.Namespace, is_main: bool) -> Dict:
     criterion = build_method_loss(args, model, cls_loss)
     model.to(args.device)
     criterion.to(args.device)
+    patch_aug = build_patch_aug(model, recipe, args.device) if recipe['patch_aug'] else None
 
     # data: order depends only on (seed, epoch); augmentation only on (seed, epoch, index)
     seeded = SeededDataset(train_set, seed=args.seed)
@@ -762,10 +785,25 @@ def _train(args: argparse.Namespace, is_main: bool) -> Dict:
             x, y = x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
             if mixup is not None:
                 x, y = mixup(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            aug_terms = {}
+            if patch_aug is not None:
+                # official order (TAPADL_RVT/engine.py): the patch-augmented copy's forward / backward first, with the
+                # classification loss alone and the same (mixed) targets; its gradients stay in .grad and the normal
+                # backward adds to them, so one clip + step sees the sum. DDP: no_sync() holds the first all-reduce
+                # back and the second all-reduces the sum (the same mean as two all-reduces).
+                x_aug = patch_aug(x)
+                with net.no_sync() if args.distributed else contextlib.nullcontext():
+                    with amp_ctx():
+                        aug_loss = criterion.cls_loss(logits_of(net(x_aug, plain=True)), y)
+                    (scaler.scale(aug_loss) if scaler is not None else aug_loss).backward()
+                aug_terms['patch_aug_loss'] = aug_loss.item()
+                if not math.isfinite(aug_terms['patch_aug_loss']):
+                    raise FloatingPointError(f'patch-aug loss is {aug_loss.item()} at epoch {epoch} step {step}')
             with amp_ctx():
                 output = net(x)
                 loss, terms = criterion(x, output, y)
-            optimizer.zero_grad(set_to_none=True)
+            terms.update(aug_terms)
             if scaler is not None:
                 scaler.scale(loss).backward()
                 if args.clip_grad is not None:

@@ -251,7 +251,9 @@ class TrainWrapper(nn.Module):
         self.model = model
         self.method = method
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, plain: bool = False):
+        if plain:  # the model's own forward (logits), e.g. the patch-augmented pass of --patch-aug
+            return self.model(x)
         if self.method == 'adl':
             return self.model(x, return_attn=True)
         if self.method == 'sparsifiner':
