@@ -1,4 +1,5 @@
-"""TAP-FAN in mmseg 1.x: the ``TAPFAN`` backbone, ``ADLEncoderDecoder``'s ``loss_ad``, the SegFormer demo end to end.
+"""TAP-FAN in mmseg 1.x: the ``TAPFAN`` backbone, ``ADLEncoderDecoder``'s ``loss_ad``, the official SegFormer MLP
+head (``SegFormerMLPHead``), the SegFormer demo end to end.
 
 CPU only, reduced FAN hybrids (1-2 FAN blocks, one block per ConvNeXt stage), 64-96 px inputs.
 """
@@ -7,6 +8,7 @@ import os.path as osp
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mmengine  # noqa: E402,F401  (the det/seg extras are part of `make test`: a missing install must fail, not skip)
 
@@ -154,7 +156,7 @@ def _segmentor(loss_ad=None, backbone=None, **model_kw):
     _register()
     cfg = Config.fromfile(DEMO)
     cfg.model.backbone.update(model_name=NAME, **SMALL)
-    cfg.model.decode_head.update(in_channels=SMALL_CH, channels=16)
+    cfg.model.decode_head.update(in_channels=SMALL_CH, decoder_params=dict(embed_dim=16))
     cfg.model.data_preprocessor['size'] = (64, 96)
     if loss_ad == 'none':
         cfg.model.pop('loss_ad')
@@ -225,7 +227,7 @@ def test_loss_ad_options_and_unchanged_inference():
     # inference is the plain EncoderDecoder's (fused attention, nothing recorded)
     cfg = Config.fromfile(DEMO)
     cfg.model.backbone.update(model_name=NAME, **SMALL)
-    cfg.model.decode_head.update(in_channels=SMALL_CH, channels=16)
+    cfg.model.decode_head.update(in_channels=SMALL_CH, decoder_params=dict(embed_dim=16))
     cfg.model.type = 'EncoderDecoder'
     cfg.model.pop('loss_ad')
     with DefaultScope.overwrite_default_scope('mmseg'):
@@ -246,7 +248,8 @@ def test_loss_ad_options_and_unchanged_inference():
     groups = {names[id(p)]: (g['lr'], g['weight_decay']) for g in wrapper.optimizer.param_groups for p in g['params']}
     assert groups['backbone.model.blocks.0.attn.q.weight'] == (6e-5, 0.01)
     assert groups['backbone.model.blocks.0.norm1.weight'] == (6e-5, 0.0)
-    assert groups['decode_head.conv_seg.weight'][0] == pytest.approx(6e-4)
+    assert groups['decode_head.linear_pred.weight'][0] == pytest.approx(6e-4)
+    assert groups['decode_head.linear_c1.proj.weight'] == (pytest.approx(6e-4), 0.01)
     assert all(lr == 6e-5 for n, (lr, _) in groups.items() if n.startswith('backbone.'))
 
 
@@ -260,7 +263,8 @@ def test_e2e_segformer_tap_fan_demo(tmp_path):
     write_cityscapes(data, num_train=2, num_val=1, img_size=(64, 128))
     options = [f'train_dataloader.dataset.data_root={data}', f'val_dataloader.dataset.data_root={data}',
                f'test_dataloader.dataset.data_root={data}', 'model.data_preprocessor.size=(64,128)',
-               'model.backbone.depth=2', 'model.backbone.backbone_depths=(1,1)', 'model.decode_head.channels=32',
+               'model.backbone.depth=2', 'model.backbone.backbone_depths=(1,1)',
+               'model.decode_head.decoder_params.embed_dim=32',
                'model.test_cfg.crop_size=(64,64)', 'model.test_cfg.stride=(48,48)',  # 3 slide windows
                'model.loss_ad.threshold=0.5',  # near-uniform attention at init is under the default 2 / N
                'train_cfg.max_iters=2', 'train_cfg.val_interval=2', 'default_hooks.checkpoint.interval=2']
@@ -272,3 +276,176 @@ def test_e2e_segformer_tap_fan_demo(tmp_path):
     miou = hub.get_scalar('val/mIoU').current()
     assert 0.0 <= miou <= 100.0
     assert osp.isfile(str(tmp_path / 'work' / 'iter_2.pth'))
+
+
+# ---- the official SegFormer MLP head ------------------------------------------------------------------------------
+
+def _head(**kw):
+    from mmseg.registry import MODELS
+    _register()
+    cfg = dict(type='SegFormerMLPHead', in_channels=SMALL_CH, in_index=[0, 1, 2, 3], feature_strides=[4, 8, 16, 32],
+               channels=8, dropout_ratio=0.1, num_classes=5, norm_cfg=dict(type='BN', requires_grad=True),
+               align_corners=False, decoder_params=dict(embed_dim=12))
+    cfg.update(kw)
+    with DefaultScope.overwrite_default_scope('mmseg'):
+        return MODELS.build(cfg)
+
+
+def _official_head_state_dict(in_channels, embed_dim, channels, num_classes, seed=0):
+    """Random tensors under the names and shapes the official head's ``__init__`` creates.
+
+    guoyongcs/TAPADL ``TAPADL_FAN/segmentation/mmseg/models/decode_heads/``: ``decode_head.py`` (BaseDecodeHead:
+    ``conv_seg`` = Conv2d(channels, num_classes, 1)) and ``segformer_head.py`` (``linear_c{4,3,2,1}`` = MLP with
+    ``proj`` = Linear(c_i, embed_dim); ``linear_fuse`` = ConvModule(4 * embed_dim, embed_dim, 1, SyncBN): ``conv``
+    without bias and ``bn``; ``linear_pred`` = Conv2d(embed_dim, num_classes, 1)).
+    """
+    g = torch.Generator().manual_seed(seed)
+    E = embed_dim
+
+    def r(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g) * scale
+
+    sd = {'conv_seg.weight': r(num_classes, channels, 1, 1), 'conv_seg.bias': r(num_classes)}
+    for i in (4, 3, 2, 1):
+        sd[f'linear_c{i}.proj.weight'] = r(E, in_channels[i - 1], scale=in_channels[i - 1] ** -0.5)
+        sd[f'linear_c{i}.proj.bias'] = r(E)
+    sd['linear_fuse.conv.weight'] = r(E, 4 * E, 1, 1, scale=(4 * E) ** -0.5)
+    sd['linear_fuse.bn.weight'] = r(E)
+    sd['linear_fuse.bn.bias'] = r(E)
+    sd['linear_fuse.bn.running_mean'] = r(E)
+    sd['linear_fuse.bn.running_var'] = torch.rand(E, generator=g) + 0.5
+    sd['linear_fuse.bn.num_batches_tracked'] = torch.tensor(7)
+    sd['linear_pred.weight'] = r(num_classes, E, 1, 1)
+    sd['linear_pred.bias'] = r(num_classes)
+    return sd
+
+
+def _official_head_formula(sd, feats, order=(4, 3, 2, 1), align_corners=False, eps=1e-5):
+    """The official SegFormerHead.forward in eval mode, written out with torch ops."""
+    size = feats[0].shape[2:]
+    maps = {}
+    for i in (1, 2, 3, 4):
+        x = feats[i - 1]
+        n, _, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2) @ sd[f'linear_c{i}.proj.weight'].T + sd[f'linear_c{i}.proj.bias']
+        y = t.permute(0, 2, 1).reshape(n, -1, h, w)
+        if i != 1:
+            y = F.interpolate(y, size=size, mode='bilinear', align_corners=align_corners)
+        maps[i] = y
+    y = F.conv2d(torch.cat([maps[i] for i in order], dim=1), sd['linear_fuse.conv.weight'])
+
+    def bn(k):
+        return sd[f'linear_fuse.bn.{k}'][None, :, None, None]
+
+    y = (y - bn('running_mean')) / torch.sqrt(bn('running_var') + eps) * bn('weight') + bn('bias')
+    return F.conv2d(torch.relu(y), sd['linear_pred.weight'], sd['linear_pred.bias'])
+
+
+def test_segformer_mlp_head_equals_the_official_formula():
+    sd = _official_head_state_dict(SMALL_CH, 12, 8, 5)
+    head = _head()
+    head.load_state_dict(sd, strict=True)
+    head.eval()
+    g = torch.Generator().manual_seed(2)
+    # TAPFAN's maps of a 52x76 image (strides 4, 8, 16, 16): c1 13x19, sizes that are not multiples of each other
+    sizes = [(13, 19), (7, 10), (4, 5), (4, 5)]
+    feats = [torch.randn(2, c, h, w, generator=g) for c, (h, w) in zip(SMALL_CH, sizes)]
+    with torch.no_grad():
+        out = head(feats)
+    ref = _official_head_formula(sd, feats)
+    assert out.shape == (2, 5, 13, 19)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # not vacuous: the concatenation order and align_corners change the result
+    assert (out - _official_head_formula(sd, feats, order=(1, 2, 3, 4))).abs().max() > 1e-2
+    assert (out - _official_head_formula(sd, feats, align_corners=True)).abs().max() > 1e-2
+    # the official forward resizes with align_corners=False whatever the config says (the config's value is for
+    # the loss / predict resizes of mmseg's base head)
+    head_ac = _head(align_corners=True)
+    head_ac.load_state_dict(sd)
+    with torch.no_grad():
+        torch.testing.assert_close(head_ac.eval()(feats), ref, rtol=1e-5, atol=1e-5)
+    # in_index selects the maps
+    head_sel = _head(in_index=[1, 2, 3, 4])
+    head_sel.load_state_dict(sd)
+    with torch.no_grad():
+        torch.testing.assert_close(head_sel.eval()([torch.zeros(1)] + feats), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_segformer_mlp_head_has_the_official_state_dict(tmp_path):
+    head = _head()
+    sd = _official_head_state_dict(SMALL_CH, 12, 8, 5)
+    own = head.state_dict()
+    assert list(own) == list(sd)  # the official names, in the official order
+    assert all(own[k].shape == v.shape for k, v in sd.items())
+    missing, unexpected = head.load_state_dict(sd, strict=False)
+    assert not missing and not unexpected
+    assert all(torch.equal(head.state_dict()[k], v) for k, v in sd.items())
+    # the base head's conv_seg (never used by the SegFormer head) is frozen: no unused trainable parameter for DDP
+    assert not any(p.requires_grad for p in head.conv_seg.parameters())
+    assert all(p.requires_grad for n, p in head.named_parameters() if not n.startswith('conv_seg.'))
+    # bad arguments: one clear error each
+    with pytest.raises(ValueError, match='4 input maps'):
+        _head(in_channels=SMALL_CH[:3], in_index=[0, 1, 2], feature_strides=[4, 8, 16])
+    with pytest.raises(ValueError, match='feature_strides'):
+        _head(feature_strides=[8, 4, 16, 32])
+    with pytest.raises(ValueError, match='decoder_params'):
+        _head(decoder_params=dict(embed_dim=12, dim=3))
+    with pytest.raises(ValueError, match='multiple_select'):
+        _head(input_transform='resize_concat')
+
+
+def test_segformer_mlp_head_loads_the_official_segmentation_checkpoint(tmp_path):
+    from mmseg.registry import MODELS
+    _register()
+    _, cls_sd = _cls_checkpoint(tmp_path)
+    # the official segmentation checkpoint layout: 'backbone.' (no final norm) and 'decode_head.' keys
+    head_sd = _official_head_state_dict(SMALL_CH, 16, 256, 19, seed=3)
+    seg = {f'backbone.{k}': v for k, v in cls_sd.items() if not k.startswith(('norm.', 'head.'))}
+    seg.update({f'decode_head.{k}': v for k, v in head_sd.items()})
+    path = str(tmp_path / 'seg.pth')
+    torch.save({'state_dict': seg, 'meta': {}}, path)
+
+    def build(ckpt):
+        cfg = Config.fromfile(DEMO)
+        cfg.model.backbone.update(model_name=NAME, **SMALL)
+        cfg.model.decode_head.update(in_channels=SMALL_CH, decoder_params=dict(embed_dim=16))
+        # what the config comment / README give as --cfg-options
+        cfg.merge_from_dict({'model.backbone.pretrained': ckpt, 'model.decode_head.init_cfg.type': 'Pretrained',
+                             'model.decode_head.init_cfg.checkpoint': ckpt})
+        with DefaultScope.overwrite_default_scope('mmseg'):
+            model = MODELS.build(cfg.model)
+        model.init_weights()
+        return model
+
+    model = build(path)
+    got = model.decode_head.state_dict()
+    assert set(got) == set(head_sd) and all(torch.equal(got[k], v) for k, v in head_sd.items())
+    bb = _backbone(path)
+    assert all(torch.equal(a, b) for a, b in zip(model.backbone.state_dict().values(), bb.state_dict().values()))
+    # a checkpoint that does not fit names the key
+    del seg['decode_head.linear_fuse.bn.running_var']
+    torch.save({'state_dict': seg}, str(tmp_path / 'bad.pth'))
+    with pytest.raises(RuntimeError, match='linear_fuse.bn.running_var'):
+        build(str(tmp_path / 'bad.pth'))
+
+
+def test_segformer_mlp_head_loss_and_predict():
+    model = _segmentor(loss_ad=dict(loss_weight=0.0)).train()
+    head = model.decode_head
+    assert type(head).__name__ == 'SegFormerMLPHead' and head.embed_dim == 16
+    data = _batch(model)
+    losses = model.loss(data['inputs'], data['data_samples'])
+    assert set(losses) == {'decode.loss_ce', 'decode.acc_seg'}
+    assert torch.isfinite(losses['decode.loss_ce']) and losses['decode.loss_ce'].item() > 0
+    losses['decode.loss_ce'].backward()
+    for name in ('linear_c1.proj.weight', 'linear_c4.proj.weight', 'linear_fuse.conv.weight', 'linear_fuse.bn.weight',
+                 'linear_pred.weight'):
+        assert head.get_parameter(name).grad.abs().sum() > 0, name
+    assert head.conv_seg.weight.grad is None
+    model.eval()
+    batch = _batch(model, train=False)
+    with torch.no_grad():
+        out = model.predict(batch['inputs'], batch['data_samples'])
+        logits = head(model.extract_feat(batch['inputs']))
+    assert out[0].seg_logits.data.shape == (19, 64, 96) and out[0].pred_sem_seg.data.shape == (1, 64, 96)
+    assert logits.shape == (2, 19, 16, 24)  # the head predicts at stride 4

@@ -32,17 +32,24 @@ model = dict(
         sync_dwconv_bn=True,  # the official DWConv norms are SyncBN (reverted to BN in a single process)
         # ImageNet checkpoint (official or vitzoo format), e.g. --cfg-options model.backbone.pretrained=PATH
         pretrained=None),
-    # maps at strides 4, 8, 16, 16 (the official config lists feature_strides [4, 8, 16, 32]; the head resizes all
-    # maps to stride 4); 768 = the official SegFormer decoder_params.embed_dim
+    # the official SegFormer all-MLP head (TAPADL_FAN/segmentation/mmseg/models/decode_heads/segformer_head.py) with
+    # its parameter names: the released checkpoint's decode_head.* load as they are, e.g. with
+    # --cfg-options model.decode_head.init_cfg.type=Pretrained model.decode_head.init_cfg.checkpoint=PATH.
+    # The backbone's maps have strides 4, 8, 16, 16 (feature_strides is the official list; the head resizes every map
+    # to the first one's size). channels=256 only sizes the unused conv_seg of mmseg's base head (as the official).
     decode_head=dict(
-        type='SegformerHead',
+        _delete_=True,
+        type='SegFormerMLPHead',
         in_channels=[128, 256, 448, 448],
         in_index=[0, 1, 2, 3],
-        channels=768,
+        feature_strides=[4, 8, 16, 32],
+        channels=256,
         dropout_ratio=0.1,
         num_classes=19,
         norm_cfg=norm_cfg,
-        align_corners=False),
+        align_corners=False,
+        decoder_params=dict(embed_dim=768),
+        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
     test_cfg=dict(mode='slide', crop_size=(1024, 1024), stride=(768, 768)))
 
 optim_wrapper = dict(

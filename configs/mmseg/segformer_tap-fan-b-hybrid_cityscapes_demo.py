@@ -11,7 +11,7 @@ norm_cfg = dict(type='BN', requires_grad=True)  # single process
 model = dict(
     data_preprocessor=dict(size=crop_size),
     backbone=dict(sync_dwconv_bn=False),
-    decode_head=dict(channels=128, norm_cfg=norm_cfg),
+    decode_head=dict(decoder_params=dict(embed_dim=128), norm_cfg=norm_cfg),  # decoder width 128 (official 768)
     test_cfg=dict(mode='slide', crop_size=(128, 128), stride=(96, 96)))
 
 train_pipeline = [
