@@ -85,3 +85,42 @@ def test_bench_agentsd_tiny(capsys, tmp_path):
     # half-precision attention runs through the same code (the GPU fp16 recipe; bf16 here)
     res = tool.main(['--latents', '16', '--skip-unet', '--attn-repeats', '1', '--dtype', 'bf16'])
     assert res['dtype'] == 'bf16' and _positive(res['attention'][0]['speedup'])
+
+
+def test_benchmark_train_suite(tmp_path, capsys):
+    bench = _load('benchmark')
+    out = tmp_path / 'bench'
+    assert bench.main(['--suite', 'train', '--train-models', 'agent_deit_tiny', '--train-img-size', '32', '448',
+                       '--train-dtypes', 'fp32', 'bf16', '-b', '2', '--repeats', '2', '--threads', '1',
+                       '--timer', 'cpu', '--no-train-memory', '--output', str(out)]) == 0
+    rows = json.loads((out / 'benchmark.json').read_text())['train']
+    # batch -b up to 224², shrunk with the token count above (448²: a quarter, at least 1)
+    assert [(r['res'], r['batch'], r['dtype']) for r in rows] == [(32, 2, 'fp32'), (32, 2, 'bf16'), (448, 1, 'fp32'),
+                                                                  (448, 1, 'bf16')]
+    for r in rows:  # no --official-dir: ours vs timm's DeiT-T only
+        assert r['timm_model'] == 'deit_tiny_patch16_224' and 'official_ms' not in r and 'ours_mib' not in r
+        assert _positive(r['ours_ms']) and _positive(r['timm_ms']) and _positive(r['speed_vs_timm'])
+    assert 'training step (fwd + loss + bwd)' in capsys.readouterr().out
+    # peak memory of one step, each candidate in a fresh process; an optimizer step is named in the title
+    assert bench.main(['--suite', 'train', '--train-models', 'sat_deit_tiny', '--train-img-size', '32',
+                       '--train-dtypes', 'fp32', '-b', '2', '--repeats', '1', '--train-opt', 'adamw',
+                       '--output', str(out)]) == 0
+    (row,) = json.loads((out / 'benchmark.json').read_text())['train']
+    assert row['model'] == 'sat_deit_tiny' and _positive(row['ours_mib']) and _positive(row['timm_mib'])
+    assert 'fwd + loss + bwd + adamw step' in capsys.readouterr().out
+
+
+def test_benchmark_train_step_updates_the_model():
+    bench = _load('benchmark')
+    (model,) = bench._train_candidates('agent_deit_tiny', 32, None, only='ours').values()
+    assert model.training
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    before = model.head.weight.detach().clone()
+    loss = bench._train_step(model, x, y, 'fp32', 'sgd')()
+    assert torch.isfinite(loss) and model.head.weight.grad is not None
+    assert not torch.equal(before, model.head.weight)  # the optimizer stepped
+    before = model.head.weight.detach().clone()
+    bench._train_step(model, x, y, 'bf16', 'none')()
+    assert torch.equal(before, model.head.weight) and model.head.weight.grad.dtype == torch.float32
+    with pytest.raises(ValueError, match="no 'official' candidate"):
+        bench._train_candidates('agent_deit_tiny', 32, None, only='official')

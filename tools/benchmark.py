@@ -14,6 +14,12 @@ Suites (``--suite``, several allowed):
   sparsifiner Sparsifiner-DeiT-S latency vs timm deit_small_patch16_224 (sparse attention, the original's masked-dense
               attention emulated, dense and token-sparse modes), analytic FLOPs / MHSA reduction (kept entries only),
               and a per-op profile of one forward of each (where the sparse model's extra time goes).
+  train       training step (zero grads, forward, cross-entropy, backward; ``--train-opt`` adds an optimizer step) of
+              ``--train-models`` in fp32 and bf16 autocast at 224² and a higher resolution: step time vs the official
+              Agent-Attention model (same weights, loaded through ``checkpoint_filter_fn``; the loss difference is
+              reported) and vs the timm counterpart, and the peak RSS of one step, each candidate in a fresh process.
+              Sparsifiner, SAT and TAP-FAN/RVT have no official code importable as a model: timm only. The official
+              CSwin needs ``einops``.
 
 Every timing is the median of ``--repeats`` interleaved measurements, so the ratios printed are robust to a noisy
 machine. Results are printed as tables and written to ``<output>/benchmark.json`` (and one CSV per table).
@@ -21,6 +27,7 @@ machine. Results are printed as tables and written to ``<output>/benchmark.json`
 Examples:
     python tools/benchmark.py --suite models --model 'agent_*' --img-size 224 448
     python tools/benchmark.py --suite agent --official-dir ~/src/Agent-Attention -b 8
+    python tools/benchmark.py --suite train --official-dir ~/src/Agent-Attention -b 8 --threads 1 --timer cpu
 """
 import argparse
 import csv
@@ -38,6 +45,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import timm
 import vitzoo  # noqa: F401  (registers the models)
@@ -421,7 +429,140 @@ def suite_sparsifiner(args, results: Dict) -> None:
                 args.out)
 
 
-SUITES = {'models': suite_models, 'agent': suite_agent, 'sparsifiner': suite_sparsifiner}
+# ----------------------------------------------------------------------------------------------------------------------
+# training step: forward + loss + backward (+ optimizer step), vs the official code and the timm counterpart
+
+TRAIN_MODELS = ['agent_deit_tiny', 'agent_pvt_tiny', 'agent_swin_tiny', 'agent_cswin_tiny', 'sparsifiner_deit_tiny',
+                'sat_deit_tiny', 'tap_fan_tiny_12_p16_224', 'tap_rvt_tiny']
+# Sparsifiner, SAT and TAP-FAN/RVT have no official code importable as a model: they are compared with timm only.
+TRAIN_TIMM_COUNTERPARTS = dict(TIMM_COUNTERPARTS, sparsifiner_deit_tiny='deit_tiny_patch16_224',
+                               sat_deit_tiny='deit_tiny_patch16_224', tap_fan_tiny_12_p16_224='deit_tiny_patch16_224',
+                               tap_rvt_tiny='deit_tiny_patch16_224')
+CLOCKS = {'wall': time.perf_counter, 'cpu': time.process_time}
+
+
+def _train_candidates(
+        name: str,
+        s: int,
+        official_dir: Optional[str],
+        only: Optional[str] = None,
+) -> Dict[str, nn.Module]:
+    """'ours', 'official' and 'timm' (those that exist, or just ``only``) in train mode, built at image size ``s``.
+
+    With both present, the official model's weights are loaded into ours through the family's
+    ``checkpoint_filter_fn``: the two compute the same function.
+    """
+    torch.manual_seed(0)
+    cands = {}
+    if only in (None, 'ours'):
+        cands['ours'] = timm.create_model(name, img_size=s)
+    builders = official_builders(import_official(official_dir)) if official_dir and only in (None, 'official') else {}
+    if name in builders:
+        cands['official'] = builders[name](s)
+        if 'ours' in cands:
+            filt = importlib.import_module(type(cands['ours']).__module__).checkpoint_filter_fn
+            cands['ours'].load_state_dict(filt(cands['official'].state_dict(), cands['ours']))
+    if name in TRAIN_TIMM_COUNTERPARTS and only in (None, 'timm'):
+        cands['timm'] = _timm_baseline(TRAIN_TIMM_COUNTERPARTS[name], s)
+    if only is not None and only not in cands:
+        raise ValueError(f'no {only!r} candidate for {name}')
+    return {k: m.train() for k, m in cands.items()}
+
+
+def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: str, opt: str) -> Callable[[], torch.Tensor]:
+    """One training step on (x, y): zero grads, forward (bf16 autocast or fp32) + cross-entropy, backward, and the
+    optimizer step when ``opt`` is 'sgd' / 'adamw' ('none': no step)."""
+    optim = None
+    if opt == 'sgd':
+        optim = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    elif opt == 'adamw':
+        optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == 'bf16'):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if optim is not None:
+            optim.step()
+        return loss.detach()
+    return step
+
+
+def suite_train(args, results: Dict) -> None:
+    """Training-step time and peak memory of each ``--train-models`` entry vs the official model and timm's counterpart.
+
+    For every resolution in ``--train-img-size`` (``-b`` up to 224², above it shrunk with the token count, at least 1)
+    and dtype in ``--train-dtypes``: the median step time of ``--repeats`` interleaved steps, the speed-ups as medians
+    of the per-repeat time ratios, the loss difference to the official model (same weights and batch, before any
+    step), and the peak RSS of one step measured in a fresh process per candidate.
+    """
+    clock = CLOCKS[args.timer]
+    what = 'fwd + loss + bwd' + ('' if args.train_opt == 'none' else f' + {args.train_opt} step')
+    rows = []
+    for name in list_models(args.train_models):
+        for s in args.train_img_size:
+            b = max(1, round(args.batch_size * min(1.0, 224 * 224 / (s * s))))
+            cands = _train_candidates(name, s, args.official_dir)
+            g = torch.Generator().manual_seed(0)
+            x = torch.randn(b, 3, s, s, generator=g)
+            y = torch.randint(0, 1000, (b,), generator=g)
+            for dtype in args.train_dtypes:
+                row = dict(model=name, res=s, batch=b, dtype=dtype)
+                steps = {k: _train_step(m, x, y, dtype, args.train_opt) for k, m in cands.items()}
+                if 'official' in steps:  # same weights, same batch: the losses agree (checked before any update)
+                    row['loss_diff'] = abs(float(steps['ours']()) - float(steps['official']()))
+                times: Dict[str, List[float]] = {k: [] for k in steps}
+                for fn in steps.values():  # warm-up (also allocates optimizer state)
+                    fn()
+                for _ in range(args.repeats):
+                    for k, fn in steps.items():
+                        t = clock()
+                        fn()
+                        times[k].append(clock() - t)
+                row['ours_ms'] = round(statistics.median(times['ours']) * 1e3, 1)
+                for k, label in (('official', 'vs_official'), ('timm', 'vs_timm')):
+                    if k in times:
+                        if k == 'timm':
+                            row['timm_model'] = TRAIN_TIMM_COUNTERPARTS[name]
+                        row[f'{k}_ms'] = round(statistics.median(times[k]) * 1e3, 1)
+                        row[f'speed_{label}'] = round(statistics.median(
+                            [a / o for a, o in zip(times[k], times['ours'])]), 3)
+                if args.train_memory:
+                    for k in steps:
+                        row[f'{k}_mib'] = _train_peak_rss(name, s, k, b, dtype, args)
+                    if 'official_mib' in row:
+                        row['mem_vs_official'] = round(row['ours_mib'] / max(row['official_mib'], 1e-9), 2)
+                rows.append(row)
+            del cands
+    results['train'] = rows
+    print_table(f'training step ({what}), ms per step, CPU, {torch.get_num_threads()} threads, {args.timer} time, '
+                f'median of {args.repeats} interleaved (speed = baseline / ours); peak RSS of one step in MiB', rows,
+                args.out)
+
+
+def _train_peak_rss(name: str, size: int, which: str, batch: int, dtype: str, args) -> float:
+    cmd = [sys.executable, __file__, '--_train-probe', name, str(size), which, str(batch), dtype,
+           '--train-opt', args.train_opt, '--threads', str(torch.get_num_threads())]
+    if args.official_dir:
+        cmd += ['--official-dir', args.official_dir]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ)).stdout
+    return round(float(out.strip().splitlines()[-1]), 1)
+
+
+def _train_probe(name: str, size: int, which: str, batch: int, dtype: str, args) -> None:
+    """Child process: build one candidate, then print the RSS growth (MiB) caused by its first training step."""
+    model = _train_candidates(name, size, args.official_dir, only=which)[which]
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
+    step = _train_step(model, x, y, dtype, args.train_opt)
+    with open('/proc/self/clear_refs', 'w') as f:  # reset VmHWM: construction peaks must not hide the step's
+        f.write('5')
+    base = _proc_status_kib('VmRSS')
+    step()
+    print((_proc_status_kib('VmHWM') - base) / 1024)
+
+
+SUITES = {'models': suite_models, 'agent': suite_agent, 'sparsifiner': suite_sparsifiner, 'train': suite_train}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -436,7 +577,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--threads', type=int, default=0, help='torch threads (0 = default)')
     p.add_argument('--official-dir', default=None, help='checkout of LeapLabTHU/Agent-Attention (agent suite)')
     p.add_argument('--output', default='output/benchmark', help='folder for benchmark.json and CSV tables')
+    p.add_argument('--train-models', nargs='*', default=TRAIN_MODELS, help='models for the train suite')
+    p.add_argument('--train-img-size', type=int, nargs='+', default=[224, 448],
+                   help='resolutions for the train suite (batch: -b up to 224², shrunk with the token count above)')
+    p.add_argument('--train-dtypes', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'bf16'],
+                   help='train suite: fp32, and/or bf16 autocast')
+    p.add_argument('--train-opt', default='none', choices=['none', 'sgd', 'adamw'],
+                   help='train suite: optimizer step after backward (none: forward + loss + backward only)')
+    p.add_argument('--no-train-memory', dest='train_memory', action='store_false',
+                   help='train suite: skip the peak-memory probes (one child process per candidate)')
+    p.add_argument('--timer', default='wall', choices=sorted(CLOCKS),
+                   help='train suite clock: wall, or cpu (process CPU time: steadier on a shared machine with '
+                        '--threads 1)')
     p.add_argument('--_memory-probe', nargs=3, default=None, help=argparse.SUPPRESS)
+    p.add_argument('--_train-probe', nargs=5, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -444,6 +598,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args._train_probe:
+        name, size, which, batch, dtype = args._train_probe
+        _train_probe(name, int(size), which, int(batch), dtype, args)
+        return 0
     if args._memory_probe:
         name, size, which = args._memory_probe
         _memory_probe(name, int(size), which, args.official_dir)
