@@ -410,3 +410,21 @@ def test_tap_rvt_configs_train_with_patch_aug():
     for f in sorted((ROOT / 'configs' / 'train').glob('tap_*.yaml')):
         args = train.parse_args(['-c', str(f)])
         assert train.resolve_recipe(args)['patch_aug'] is f.stem.startswith('tap_rvt_'), f.stem
+
+
+def test_patch_aug_under_ddp_keeps_ranks_equal(data, tmp_path):
+    """Two gloo processes with --patch-aug: the augmented backward runs under no_sync and the normal one all-reduces
+    the sum, so both ranks (which augment differently) end with the same weights. (BatchNorm running statistics are
+    rank-local after the last forward: DDP broadcasts rank 0's buffers at the start of each forward.)"""
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(TRAIN),
+           '--data-dir', str(data), '--model', 'tap_rvt_tiny', '--img-size', '32', '--model-kwargs', 'base_dims=[16]',
+           'depth=[2]', 'heads=[2]', *FAST, '--epochs', '1', '--max-steps-per-epoch', '2', '--patch-aug',
+           '--output', str(tmp_path), '--experiment', 'ddp', '--debug-dump-rank-params']
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = tmp_path / 'ddp'
+    p0, p1 = _load(out / 'rank0_params.pth'), _load(out / 'rank1_params.pth')
+    assert _load(out / 'last.pth')['args']['patch_aug'] is True and p0.keys() == p1.keys()
+    weights = [k for k in p0 if not k.rsplit('.', 1)[-1].startswith(('running_', 'num_batches'))]
+    assert len(weights) > 20 and all(torch.equal(p0[k], p1[k]) for k in weights)
+    assert 'train_patch_aug_loss' in _rows(out)[0]
