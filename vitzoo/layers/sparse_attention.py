@@ -52,6 +52,7 @@ Beyond the official code:
 
 This module imports only torch.
 """
+import fractions
 import math
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -120,7 +121,14 @@ def attention_budget(keep_rate: float, num_tokens: int, num_active: Optional[int
         num_active: Tokens present now (after token pruning), class token included.
         num_prefix_tokens: Leading non-patch tokens.
     """
-    budget = math.ceil(keep_rate * num_tokens)
+    if isinstance(num_tokens, int):
+        budget = math.ceil(keep_rate * num_tokens)
+    else:
+        # symbolic size (torch.export with dynamic height/width): integer ceil of the rate's exact binary fraction,
+        # which exported programs can serialise (math.ceil of a symbolic float they cannot); equal to the float
+        # ceil unless keep_rate * num_tokens rounds onto an integer, never for dyadic rates such as 0.25
+        frac = fractions.Fraction(keep_rate)
+        budget = (frac.numerator * num_tokens + frac.denominator - 1) // frac.denominator
     if num_active is not None and num_active < num_tokens:
         budget = min(budget, num_active - num_prefix_tokens)
     return budget
