@@ -64,12 +64,14 @@ def test_torchrun_two_processes_gloo(data, tmp_path):
     assert (out / 'args.yaml').read_text().count('world_size: 2') == 1
 
 
-def test_sigkill_mid_epoch_then_resume_is_exact(data, tmp_path):
-    # random augmentation, mixup, drop-path, EMA and a per-step schedule: all must be restored exactly
+@pytest.mark.parametrize('patch_aug', [False, True])
+def test_sigkill_mid_epoch_then_resume_is_exact(data, tmp_path, patch_aug):
+    # random augmentation, mixup, drop-path, EMA and a per-step schedule (and --patch-aug's draws from torch's CPU
+    # generator): all must be restored exactly
     common = ['--data-dir', str(data), *TINY, *FAST, '--epochs', '2', '--drop-path', '0.1', '--mixup', '0.2',
               '--hflip', '0.5', '--scale', '0.5', '1.0', '--model-ema', '--model-ema-decay', '0.9',
               '--sched-on-updates', '--warmup-epochs', '1', '--checkpoint-interval', '2', '--output', str(tmp_path),
-              '--seed', '3']
+              '--seed', '3'] + (['--patch-aug'] if patch_aug else [])
     ref = train.main(common + ['--experiment', 'ref'])
     # 6 steps per epoch; killed at global step 9 = epoch 1 step 3, the last save was epoch 1 step 2
     res = subprocess.run([sys.executable, str(TRAIN), *common, '--experiment', 'killed', '--debug-sigkill-at-step',
