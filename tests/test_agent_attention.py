@@ -240,3 +240,37 @@ def test_inference_mlp_runs_gelu_in_place_with_identical_results():
     assert seen['fc1'] != seen['fc2']
     y.sum().backward()
     assert ours.fc1.weight.grad is not None
+
+
+@pytest.mark.parametrize('dtype', ['fp32', 'bf16'])
+def test_training_mlp_fused_backward_bit_identical(dtype):
+    """The training Mlp's backward reuses its saved activations as gradient buffers: same outputs and gradients as
+    timm's Mlp bit for bit (fp32 and under bf16 autocast), one backward per forward, and an opt-out."""
+    from timm.layers import Mlp as TimmMlp
+
+    from vitzoo.models._helpers import Mlp, _GeluMlpFunction
+    ours, ref = Mlp(16, 64), TimmMlp(16, 64)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 10, 16)
+    w = torch.randn(2, 10, 16)
+    results = []
+    for m in (ours, ref):
+        xx = x.clone().requires_grad_()
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == 'bf16'):
+            y = m(xx)
+        if m is ours:
+            assert isinstance(y.grad_fn, _GeluMlpFunction._backward_cls)  # the fused path ran
+        (y.float() * w).sum().backward()
+        results.append([y.detach(), xx.grad] + [p.grad for p in m.parameters()])
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    y = ours(x.requires_grad_()).sum()
+    y.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match='fused_backward = False'):
+        y.backward()
+    ours.fused_backward = False  # opt-out: autograd's own backward, any number of passes
+    y = ours(x).sum()
+    assert not isinstance(y.grad_fn.next_functions[0][0], _GeluMlpFunction._backward_cls)
+    y.backward(retain_graph=True)
+    y.backward()
