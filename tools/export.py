@@ -296,14 +296,17 @@ def check_compile(
     model.eval()
     compiled = torch.compile(model, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     with torch.no_grad():
-        ref = _first_tensor(model(x))
+        ref = _tensors(model(x))
         t = time.perf_counter()
-        got = _first_tensor(compiled(x))
+        got = _tensors(compiled(x))
         res['compile_eval_s'] = time.perf_counter() - t
-    res['eval_max_abs_diff'] = (got - ref).abs().max().item()
+    if len(got) != len(ref) or any(a.shape != b.shape for a, b in zip(got, ref)):
+        raise RuntimeError('compiled and eager models return different outputs')
+    res['eval_max_abs_diff'] = max((a - b).abs().max().item() for a, b in zip(got, ref))
     if train:
         model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
         model.zero_grad(set_to_none=True)
         loss_ref = train_loss(model(x))
         loss_ref.backward()
@@ -313,17 +316,18 @@ def check_compile(
         loss = train_loss(compiled(x))
         loss.backward()
         res['compile_train_s'] = time.perf_counter() - t
-        rel = 0.0
-        for p, g in zip(params, g_ref):
+        rel, worst = 0.0, ''
+        for (name, p), g in zip(named, g_ref):
             if g is None or p.grad is None:
                 if (g is None) != (p.grad is None):
                     raise RuntimeError('compiled and eager training steps reach different parameters')
                 continue
-            rel = max(rel, ((p.grad - g).abs().max() / g.abs().max().clamp_min(1e-12)).item())
+            r = ((p.grad - g).abs().max() / g.abs().max().clamp_min(1e-12)).item()
+            rel, worst = (r, name) if r > rel else (rel, worst)
         model.zero_grad(set_to_none=True)
         model.eval()
         res.update(loss=loss_ref.item(), loss_abs_diff=abs(loss.item() - loss_ref.item()), grad_rel_diff=rel,
-                   loss_finite=math.isfinite(loss.item()))
+                   grad_rel_diff_param=worst, loss_finite=math.isfinite(loss.item()))
     torch._dynamo.reset()
     return res
 

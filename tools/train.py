@@ -177,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--log-interval', type=int, default=50, help='plain-log every N steps (when not on a terminal)')
     g.add_argument('--eval-metric', default='top1')
     g.add_argument('--find-unused-parameters', action='store_true', help='DDP find_unused_parameters')
+    g.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
+                   help='torch.compile the model with this backend (default when given: inductor), as timm')
+    g.add_argument('--torchcompile-mode', type=str, default=None,
+                   help="torch.compile mode (e.g. 'max-autotune', 'reduce-overhead')")
     g.add_argument('--device', default='', help="'cpu', 'cuda' (default: cuda if available)")
     g.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: leave)')
     g.add_argument('--max-steps-per-epoch', type=int, default=0, help='cap the steps per epoch (0: all)')
@@ -571,10 +575,16 @@ class Progress:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside DDP and :class:`TrainWrapper`."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, TrainWrapper)):
-        model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model.model
-    return model
+    """The bare model inside torch.compile, DDP and :class:`TrainWrapper`."""
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(model, TrainWrapper):
+            model = model.model
+        else:
+            return model
 
 
 @torch.no_grad()
@@ -730,6 +740,12 @@ def _train(args: argparse.Namespace, is_main: bool) -> Dict:
         net = nn.parallel.DistributedDataParallel(
             net, device_ids=[args.local_rank] if device_type == 'cuda' else None,
             find_unused_parameters=args.find_unused_parameters)
+    eval_model = model
+    if args.torchcompile:
+        # after the DDP wrap, as timm's train.py (DDP's hooks stay outside the compiled graph); checkpoints and the
+        # EMA keep using the bare model, whose parameters the compiled modules share
+        net = torch.compile(net, backend=args.torchcompile, mode=args.torchcompile_mode)
+        eval_model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
 
     # output folder
     if args.resume:
@@ -840,7 +856,7 @@ def _train(args: argparse.Namespace, is_main: bool) -> Dict:
         prog.close()
         n = max(meters.get('_n', 1), 1)
         train_metrics = {k: v / n for k, v in meters.items() if k != '_n'}
-        eval_metrics = evaluate(model, val_loader, args, amp_ctx)
+        eval_metrics = evaluate(eval_model, val_loader, args, amp_ctx)
         if ema is not None:
             ema_metrics = evaluate(ema.module, val_loader, args, amp_ctx)
             eval_metrics.update({f'ema_{k}': v for k, v in ema_metrics.items()})
