@@ -386,3 +386,157 @@ def test_cityscapes_c_images_equal_the_official_generation(tmp_path, corruption)
         np.random.seed(eval_cityscapes_c._image_seed(seed, corruption, severity, rel))
         from_rgb = corrupt(np.ascontiguousarray(bgr[..., ::-1]), corruption_name=corruption, severity=severity)
         assert not np.array_equal(from_rgb[..., ::-1], official)
+
+
+# ---- released official dense checkpoints (mmdet 2.x / mmseg 0.x key layout) ---------------------------------------
+
+def _official_case(case):
+    """Demo config with its backbone reduced to the architecture of a parity reference (official key names)."""
+    from conftest import load_parity
+    ref = load_parity({'pvt': 'agent_pvt-like.pt', 'swin': 'agent_swin-like.pt', 'fan': 'tap_fan_hybrid-like.pt'}[case])
+    k = ref['official_kwargs']
+    if case == 'pvt':
+        cfg = Config.fromfile(osp.join(ROOT, 'configs/mmdet/mask-rcnn_agent-pvt-t_fpn_demo.py'))
+        cfg.model.backbone.update({a: k[a] for a in ('embed_dims', 'num_heads', 'mlp_ratios', 'depths', 'sr_ratios',
+                                                     'agent_sr_ratios', 'agent_num', 'attn_type')})
+        cfg.model.neck.in_channels = k['embed_dims']
+        cfg.model.test_cfg.rpn.update(nms_pre=50, max_per_img=10)
+    elif case == 'swin':
+        cfg = Config.fromfile(osp.join(ROOT, 'configs/mmseg/upernet_agent-swin-t_demo.py'))
+        cfg.model.backbone.update({a: k[a] for a in ('embed_dim', 'depths', 'num_heads', 'window_size', 'mlp_ratio',
+                                                     'agent_num', 'attn_type')})
+        chans = [k['embed_dim'] * 2 ** i for i in range(4)]
+        cfg.model.decode_head.update(in_channels=chans, channels=16)
+        cfg.model.auxiliary_head.update(in_channels=chans[2], channels=8)
+    else:
+        cfg = Config.fromfile(osp.join(ROOT, 'configs/mmseg/segformer_tap-fan-b-hybrid_cityscapes_demo.py'))
+        b = k['backbone']['kwargs']
+        cfg.model.backbone.update(embed_dim=k['embed_dim'], depth=k['depth'], num_heads=k['num_heads'],
+                                  backbone_depths=b['depths'], backbone_dims=b['dims'], num_scales=k['num_scales'])
+        cfg.model.decode_head.update(in_channels=[b['dims'][0], b['dims'][1], k['embed_dim'], k['embed_dim']],
+                                     decoder_params=dict(embed_dim=16))
+    cfg.model.backbone.pop('pretrained', None)
+    if case != 'pvt':
+        cfg.model.data_preprocessor['size'] = (64, 64)
+    return cfg, ref
+
+
+def _build_mm(cfg, case):
+    _register()
+    scope = 'mmdet' if case == 'pvt' else 'mmseg'
+    registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
+    with DefaultScope.overwrite_default_scope(scope):
+        return registry.build(cfg.model).eval()
+
+
+def _mm_outputs(model, case):
+    """Backbone maps and the test-time predictions of a 64 px image (exact-comparison material)."""
+    scope = 'mmdet' if case == 'pvt' else 'mmseg'
+    torch.manual_seed(1)
+    img = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
+    meta = dict(img_shape=(64, 64), ori_shape=(64, 64))
+    if case == 'pvt':
+        from mmdet.structures import DetDataSample
+        sample = DetDataSample(metainfo=dict(meta, scale_factor=(1.0, 1.0), img_id=0))
+    else:
+        from mmseg.structures import SegDataSample
+        sample = SegDataSample(metainfo=meta)
+    with torch.no_grad(), DefaultScope.overwrite_default_scope(scope):
+        data = model.data_preprocessor(dict(inputs=[img], data_samples=[sample]), False)
+        feats = list(model.backbone(data['inputs']))
+        out = model.test_step(dict(inputs=[img], data_samples=[sample]))[0]
+    if case == 'pvt':
+        p = out.pred_instances
+        return feats + [p.bboxes, p.scores, p.labels.float(), p.masks.float()]
+    return feats + [out.seg_logits.data]
+
+
+def _official_dense_checkpoint(ref, reference_sd, case):
+    """The full checkpoint as the official code saves it: official backbone names, heads as in mmdet 2.x / mmseg 0.x.
+
+    The backbone tensors are the parity reference's official classification state dict, minus what the official
+    dense backbones do not build: the classifier (all), the final norm (Swin, TAP-FAN: LeapLabTHU/Agent-Attention
+    downstream/*/backbones/agent_swin.py, guoyongcs/TAPADL TAPADL_FAN/segmentation/.../backbones/tap_fan.py) and the
+    Swin shift masks (computed in forward there). The official Swin adds LayerNorms norm0..norm3 on its outputs (the
+    same names as the wrapper's). Neck / head names are unchanged from mmdet 2.x / mmseg 0.x (see
+    test_official_head_and_neck_keys), so they are taken from the reference model.
+    """
+    drop = ('head.',) + (('norm.',) if case in ('swin', 'fan') else ())
+    sd = {f'backbone.{k}': v for k, v in ref['state_dict'].items()
+          if not k.startswith(drop) and not k.endswith('attn_mask')}
+    sd.update({k: v for k, v in reference_sd.items() if not k.startswith('backbone.model.')})
+    return sd
+
+
+@pytest.mark.parametrize('case', ['pvt', 'swin', 'fan'])
+def test_official_full_checkpoint_loads_through_load_from(tmp_path, case):
+    from mmengine.runner import load_checkpoint
+    from conftest import DATA
+    from vitzoo.models import CheckpointError
+    cfg, ref = _official_case(case)
+    # reference: the backbone from the official classification weights (the parity-tested filter path), every other
+    # tensor (Swin output norms, neck, heads, BatchNorm statistics) random
+    torch.manual_seed(0)
+    reference = _build_mm(cfg, case)
+    name = {'pvt': 'agent_pvt-like.pt', 'swin': 'agent_swin-like.pt', 'fan': 'tap_fan_hybrid-like.pt'}[case]
+    cls_path = str(tmp_path / 'cls.pth')
+    torch.save({'state_dict': ref['state_dict']}, cls_path)
+    reference.backbone.load_pretrained(cls_path)
+    assert osp.isfile(DATA / name)
+    with torch.no_grad():
+        for key, t in reference.state_dict().items():
+            if not key.startswith('backbone.model.') and t.is_floating_point():
+                t.copy_(torch.rand_like(t) + 0.5 if key.endswith('running_var') else torch.randn_like(t) * 0.2)
+    official = _official_dense_checkpoint(ref, reference.state_dict(), case)
+    marker = {'pvt': 'backbone.block1.0.attn.q.weight', 'swin': 'backbone.layers.0.downsample.reduction.weight',
+              'fan': 'backbone.blocks.1.attn.q.weight'}[case]
+    assert marker in official and not any(k.startswith('backbone.model.') for k in official)
+    if case == 'swin':
+        assert 'backbone.norm3.weight' in official and 'backbone.norm.weight' not in official
+    path = str(tmp_path / 'official.pth')
+    torch.save({'meta': {}, 'state_dict': official}, path)
+
+    torch.manual_seed(123)  # another init: everything must come from the file
+    model = _build_mm(cfg, case)
+    assert model.backbone.loaded_layout is None
+    load_checkpoint(model, path, map_location='cpu', strict=False)  # what Runner.load_checkpoint (load_from) does
+    assert model.backbone.loaded_layout == 'official'
+    got, want = model.state_dict(), reference.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    outs, ref_outs = _mm_outputs(model, case), _mm_outputs(reference, case)
+    assert len(outs) == len(ref_outs)
+    for a, b in zip(outs, ref_outs):
+        assert a.shape == b.shape and torch.equal(a, b)
+
+    # a backbone tensor missing from the file: one error naming it (the vitzoo name it maps to), no random backbone
+    missing = {'pvt': ('backbone.block1.0.attn.q.weight', 'stages.0.blocks.0.attn.q.weight'),
+               'swin': ('backbone.norm2.weight', 'norm2.weight'),
+               'fan': ('backbone.blocks.1.attn.q.weight', 'blocks.1.attn.q.weight')}[case]
+    bad = {k: v for k, v in official.items() if k != missing[0]}
+    torch.save({'meta': {}, 'state_dict': bad}, str(tmp_path / 'bad.pth'))
+    with pytest.raises(CheckpointError, match=missing[1].replace('.', r'\.')):
+        load_checkpoint(_build_mm(cfg, case), str(tmp_path / 'bad.pth'), map_location='cpu', strict=False)
+    # an official tensor of the wrong shape
+    key = marker
+    bad = dict(official, **{key: official[key][:, :-1]})
+    torch.save({'meta': {}, 'state_dict': bad}, str(tmp_path / 'bad_shape.pth'))
+    with pytest.raises(CheckpointError, match='shape'):
+        load_checkpoint(_build_mm(cfg, case), str(tmp_path / 'bad_shape.pth'), map_location='cpu', strict=False)
+
+    if case == 'pvt':
+        # the vitzoo layout (Runner checkpoints) loads as it is, and is held to the same standard
+        torch.save({'meta': {}, 'state_dict': want}, str(tmp_path / 'ours.pth'))
+        again = _build_mm(cfg, case)
+        load_checkpoint(again, str(tmp_path / 'ours.pth'), map_location='cpu', strict=False)
+        assert again.backbone.loaded_layout == 'vitzoo'
+        assert all(torch.equal(again.state_dict()[k], v) for k, v in want.items())
+        partial = {k: v for k, v in want.items() if k != 'backbone.model.stages.1.pos_embed'}
+        partial['backbone.model.stages.9.pos_embed'] = torch.zeros(1)
+        torch.save({'meta': {}, 'state_dict': partial}, str(tmp_path / 'ours_bad.pth'))
+        with pytest.raises(CheckpointError, match=r'model\.stages\.1\.pos_embed.*model\.stages\.9\.pos_embed'):
+            load_checkpoint(_build_mm(cfg, case), str(tmp_path / 'ours_bad.pth'), map_location='cpu', strict=False)
+        # init_cfg with the official full checkpoint: the same mapping
+        bb_cfg = dict(cfg.model.backbone, init_cfg=dict(type='Pretrained', checkpoint=path))
+        bb = AgentPVT(**{k: v for k, v in bb_cfg.items() if k != 'type'})
+        bb.init_weights()
+        assert all(torch.equal(v, want[f'backbone.{k}']) for k, v in bb.state_dict().items())

@@ -181,6 +181,8 @@ class _TimmBackbone(BaseModule):
             create_kwargs.pop(k, None)  # classification-only arguments of the official configs
         self._create_kwargs = {**create_kwargs, 'num_classes': 0}
         self.model = timm.create_model(self.model_name, pretrained=False, **self._create_kwargs)
+        # 'official' / 'vitzoo': the key layout of the last state dict loaded into the backbone (None: none yet)
+        self.loaded_layout: Optional[str] = None
 
     def _freeze_stages(self) -> None:
         pass
@@ -207,11 +209,96 @@ class _TimmBackbone(BaseModule):
 
     def _complete_classification(self, state_dict: Dict[str, torch.Tensor],
                                  full: nn.Module) -> Dict[str, torch.Tensor]:
-        """Hook: fill keys a family's classification-style checkpoint may lack (before the filter checks them)."""
-        return state_dict
+        """Fill the final norm (``norm.*``) a checkpoint lacks, before the family's filter checks every key.
+
+        The official dense backbones have none (LeapLabTHU/Agent-Attention ``downstream/*/backbones/agent_swin.py``,
+        guoyongcs/TAPADL ``TAPADL_FAN/segmentation/mmseg/models/backbones/tap_fan.py``), and no wrapper uses it (pruned,
+        or an Identity in TAPFAN), so the filled tensors are dropped again after the check.
+        """
+        used = self.model.state_dict()
+        if any(k.startswith('norm.') for k in state_dict):
+            return state_dict
+        fill = {k: v for k, v in full.state_dict().items() if k.startswith('norm.') and k not in used}
+        return {**state_dict, **fill} if fill else state_dict
+
+    def _extra_modules(self) -> List[str]:
+        """Names of the wrapper's own modules next to ``model`` (the output norms ``norm{i}``)."""
+        return [name for name, _ in self.named_children() if name != 'model']
+
+    def convert_official_state_dict(
+            self, state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+        """Map a backbone state dict with official key names (classification or dense) onto this wrapper's keys.
+
+        The one mapping of official weights, used by :meth:`load_pretrained` and by every ``load_state_dict`` into
+        the backbone: the family's ``checkpoint_filter_fn`` renames (and resizes) the tensors against an unpruned copy
+        of the timm model and checks every key and shape (:class:`~vitzoo.models.CheckpointError` names the key);
+        the classifier (``head.*``) and, when absent, the final norm are not required. The official dense
+        backbones' output norms (``norm{i}`` of Agent-Swin) have the wrapper's names and are kept as they are.
+        vitzoo classification checkpoints (vitzoo key names) pass through the same filter.
+
+        Args:
+            state_dict: Keys relative to the backbone (a detector checkpoint's ``backbone.`` prefix removed).
+
+        Returns:
+            The tensors under this module's key names (``model.*``, ``norm{i}.*``), and the names of the tensors this
+            backbone does not build (final norm, stages after the last output, TAP-FAN's unused class attention).
+        """
+        extra = tuple(f'{n}.' for n in self._extra_modules())
+        own_extra = {k: v for k, v in state_dict.items() if extra and k.startswith(extra)}
+        rest = {k: v for k, v in state_dict.items() if k not in own_extra and not k.startswith('head.')}
+        full = timm.create_model(self.model_name, pretrained=False, **self._create_kwargs)
+        rest = type(self)._filter_fn(self._complete_classification(rest, full), full)
+        used = self.model.state_dict()
+        dropped = [k for k in rest if k not in used]
+        out = {f'model.{k}': v for k, v in rest.items() if k in used}
+        out.update(own_extra)
+        return out, dropped
+
+    def _check_fit(self, state_dict: Dict[str, torch.Tensor], where: str,
+                   allow_missing: Sequence[str] = ()) -> None:
+        """One :class:`~vitzoo.models.CheckpointError` naming every missing / unexpected / mis-shaped key."""
+        from vitzoo.models._helpers import CheckpointError
+        own = self.state_dict()
+        allow = tuple(allow_missing)
+        missing = [k for k in own if k not in state_dict and not (allow and k.startswith(allow))]
+        unexpected = [k for k in state_dict if k not in own]
+        shapes = [f'{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} here'
+                  for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+        if missing or unexpected or shapes:
+            parts = [f'{label} {items[:8]}' + (f' (and {len(items) - 8} more)' if len(items) > 8 else '')
+                     for label, items in (('missing', missing), ('unexpected', unexpected), ('shapes', shapes))
+                     if items]
+            raise CheckpointError(f'{type(self).__name__} ({self.model_name}): {where} does not fit the backbone: '
+                                  + '; '.join(parts))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # Every load into the backbone comes through here (nn.Module.load_state_dict and mmengine's load_state_dict,
+        # so load_from, Runner.load_checkpoint / resume, tools/mm_test.py and init_cfg all do): official-layout
+        # tensors under ``prefix`` (a released detector / segmentor checkpoint) are mapped onto the wrapper's names
+        # here, and tensors that still do not fit raise, where a non-strict mm load would only warn and leave a
+        # randomly initialised backbone. A state dict with no tensor under ``prefix`` is left to the caller.
+        keys = [k for k in state_dict if k.startswith(prefix)]
+        if keys:
+            sub = {k[len(prefix):]: state_dict[k] for k in keys}
+            layout, dropped = 'vitzoo', []
+            if not any(k.startswith('model.') for k in sub):
+                sub, dropped = self.convert_official_state_dict(sub)
+                layout = 'official'
+            self._check_fit(sub, f'the state dict under {prefix!r} ({layout} layout)')
+            for k in keys:
+                del state_dict[k]
+            state_dict.update({prefix + k: v for k, v in sub.items()})
+            self.loaded_layout = layout
+            if layout == 'official':
+                MMLogger.get_current_instance().info(
+                    f'{type(self).__name__}: mapped the {len(keys)} official-layout tensors under {prefix!r} onto '
+                    f'{prefix}model.* ({len(sub)} loaded, {len(dropped)} not built here: {dropped[:4]})')
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None) -> None:
-        """Load a classification (official / vitzoo) or mm (``backbone.``-prefixed) checkpoint.
+        """Load a classification (official / vitzoo) or mm (``backbone.``-prefixed, official or vitzoo) checkpoint.
 
         Args:
             checkpoint: Path or URL.
@@ -227,23 +314,24 @@ class _TimmBackbone(BaseModule):
         if prefix:
             state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if any(k.startswith('model.') for k in state_dict):
-            # a checkpoint of this wrapper: load as is
-            missing, unexpected = self.load_state_dict(state_dict, strict=False)
-            if unexpected or missing:
-                raise RuntimeError(f'{type(self).__name__}: checkpoint {checkpoint} does not fit: '
-                                   f'missing {missing[:5]}, unexpected {unexpected[:5]}')
+            # a checkpoint of this wrapper: _load_from_state_dict checks that every key fits
+            self.load_state_dict(state_dict, strict=True)
             logger.info(f'{type(self).__name__}: loaded {checkpoint}')
             return
-        # classification checkpoint: map it onto an unpruned copy of the model (the filter checks every key)
-        full = timm.create_model(self.model_name, pretrained=False, **self._create_kwargs)
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('head.')}
-        state_dict = type(self)._filter_fn(self._complete_classification(state_dict, full), full)
-        own = self.model.state_dict()
-        dropped = [k for k in state_dict if k not in own]  # final norm, stages after the last output
-        state_dict = {k: v for k, v in state_dict.items() if k in own}
-        self.model.load_state_dict(state_dict, strict=True)
-        logger.info(f'{type(self).__name__}: loaded classification checkpoint {checkpoint} '
-                    f'({len(state_dict)} tensors; not used: {len(dropped)}; output norms keep their init)')
+        # official / classification layout: every tensor of the model is required; the output norms only as a set
+        # (a classification checkpoint has none: they keep their init; an official Swin detector has all four)
+        state_dict, dropped = self.convert_official_state_dict(state_dict)
+        extra = [n for n in self._extra_modules() if any(k.startswith(f'{n}.') for k in state_dict)]
+        self._check_fit(state_dict, f'checkpoint {checkpoint}',
+                        allow_missing=() if extra else tuple(f'{n}.' for n in self._extra_modules()))
+        self.model.load_state_dict({k[6:]: v for k, v in state_dict.items() if k.startswith('model.')}, strict=True)
+        for name in extra:
+            n = len(name) + 1
+            getattr(self, name).load_state_dict(
+                {k[n:]: v for k, v in state_dict.items() if k.startswith(f'{name}.')}, strict=True)
+        norms = f'output norms loaded: {extra}' if extra else 'output norms keep their init'
+        logger.info(f'{type(self).__name__}: loaded official-layout checkpoint {checkpoint} ({len(state_dict)} '
+                    f'tensors; not used: {len(dropped)}; {norms})')
 
 
 class _AgentBackbone(_TimmBackbone):
@@ -548,14 +636,6 @@ class TAPFAN(_TimmBackbone):
             mod.eval()
         for p in params:
             p.requires_grad = False
-
-    def _complete_classification(self, state_dict: Dict[str, torch.Tensor],
-                                 full: nn.Module) -> Dict[str, torch.Tensor]:
-        # the official segmentation FAN has no final norm: its checkpoints lack norm.* (unused here anyway)
-        if any(k.startswith('blocks.') for k in state_dict) and not any(k.startswith('norm.') for k in state_dict):
-            state_dict = dict(state_dict)
-            state_dict.update({k: v for k, v in full.state_dict().items() if k.startswith('norm.')})
-        return state_dict
 
     @contextlib.contextmanager
     def record_attention(self) -> Iterator[None]:
