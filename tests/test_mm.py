@@ -390,6 +390,9 @@ def test_cityscapes_c_images_equal_the_official_generation(tmp_path, corruption)
 
 # ---- released official dense checkpoints (mmdet 2.x / mmseg 0.x key layout) ---------------------------------------
 
+_SCOPE = {'pvt': 'mmdet', 'swin': 'mmseg', 'fan': 'mmseg'}
+
+
 def _official_case(case):
     """Demo config with its backbone reduced to the architecture of a parity reference (official key names)."""
     from conftest import load_parity
@@ -421,17 +424,32 @@ def _official_case(case):
     return cfg, ref
 
 
-def _build_mm(cfg, case):
+def _build_mm(cfg, scope):
     _register()
-    scope = 'mmdet' if case == 'pvt' else 'mmseg'
     registry = __import__(f'{scope}.registry', fromlist=['MODELS']).MODELS
     with DefaultScope.overwrite_default_scope(scope):
         return registry.build(cfg.model).eval()
 
 
+def _reference_model(cfg, ref, case, tmp_path):
+    """The mm model with the backbone from the reference's official classification weights (the parity-tested
+    classification path of ``load_pretrained``) and every other tensor (Swin output norms, neck, heads, BatchNorm
+    statistics) random."""
+    torch.manual_seed(0)
+    model = _build_mm(cfg, _SCOPE[case])
+    path = str(tmp_path / 'cls.pth')
+    torch.save({'model': ref['state_dict']}, path)
+    model.backbone.load_pretrained(path)
+    with torch.no_grad():
+        for key, t in model.state_dict().items():
+            if not key.startswith('backbone.model.') and t.is_floating_point():
+                t.copy_(torch.rand_like(t) + 0.5 if key.endswith('running_var') else torch.randn_like(t) * 0.2)
+    return model
+
+
 def _mm_outputs(model, case):
     """Backbone maps and the test-time predictions of a 64 px image (exact-comparison material)."""
-    scope = 'mmdet' if case == 'pvt' else 'mmseg'
+    scope = _SCOPE[case]
     torch.manual_seed(1)
     img = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
     meta = dict(img_shape=(64, 64), ori_shape=(64, 64))
@@ -471,22 +489,10 @@ def _official_dense_checkpoint(ref, reference_sd, case):
 @pytest.mark.parametrize('case', ['pvt', 'swin', 'fan'])
 def test_official_full_checkpoint_loads_through_load_from(tmp_path, case):
     from mmengine.runner import load_checkpoint
-    from conftest import DATA
     from vitzoo.models import CheckpointError
     cfg, ref = _official_case(case)
-    # reference: the backbone from the official classification weights (the parity-tested filter path), every other
-    # tensor (Swin output norms, neck, heads, BatchNorm statistics) random
-    torch.manual_seed(0)
-    reference = _build_mm(cfg, case)
-    name = {'pvt': 'agent_pvt-like.pt', 'swin': 'agent_swin-like.pt', 'fan': 'tap_fan_hybrid-like.pt'}[case]
-    cls_path = str(tmp_path / 'cls.pth')
-    torch.save({'state_dict': ref['state_dict']}, cls_path)
-    reference.backbone.load_pretrained(cls_path)
-    assert osp.isfile(DATA / name)
-    with torch.no_grad():
-        for key, t in reference.state_dict().items():
-            if not key.startswith('backbone.model.') and t.is_floating_point():
-                t.copy_(torch.rand_like(t) + 0.5 if key.endswith('running_var') else torch.randn_like(t) * 0.2)
+    scope = _SCOPE[case]
+    reference = _reference_model(cfg, ref, case, tmp_path)
     official = _official_dense_checkpoint(ref, reference.state_dict(), case)
     marker = {'pvt': 'backbone.block1.0.attn.q.weight', 'swin': 'backbone.layers.0.downsample.reduction.weight',
               'fan': 'backbone.blocks.1.attn.q.weight'}[case]
@@ -497,7 +503,7 @@ def test_official_full_checkpoint_loads_through_load_from(tmp_path, case):
     torch.save({'meta': {}, 'state_dict': official}, path)
 
     torch.manual_seed(123)  # another init: everything must come from the file
-    model = _build_mm(cfg, case)
+    model = _build_mm(cfg, scope)
     assert model.backbone.loaded_layout is None
     load_checkpoint(model, path, map_location='cpu', strict=False)  # what Runner.load_checkpoint (load_from) does
     assert model.backbone.loaded_layout == 'official'
@@ -515,18 +521,18 @@ def test_official_full_checkpoint_loads_through_load_from(tmp_path, case):
     bad = {k: v for k, v in official.items() if k != missing[0]}
     torch.save({'meta': {}, 'state_dict': bad}, str(tmp_path / 'bad.pth'))
     with pytest.raises(CheckpointError, match=missing[1].replace('.', r'\.')):
-        load_checkpoint(_build_mm(cfg, case), str(tmp_path / 'bad.pth'), map_location='cpu', strict=False)
+        load_checkpoint(_build_mm(cfg, scope), str(tmp_path / 'bad.pth'), map_location='cpu', strict=False)
     # an official tensor of the wrong shape
     key = marker
     bad = dict(official, **{key: official[key][:, :-1]})
     torch.save({'meta': {}, 'state_dict': bad}, str(tmp_path / 'bad_shape.pth'))
     with pytest.raises(CheckpointError, match='shape'):
-        load_checkpoint(_build_mm(cfg, case), str(tmp_path / 'bad_shape.pth'), map_location='cpu', strict=False)
+        load_checkpoint(_build_mm(cfg, scope), str(tmp_path / 'bad_shape.pth'), map_location='cpu', strict=False)
 
     if case == 'pvt':
         # the vitzoo layout (Runner checkpoints) loads as it is, and is held to the same standard
         torch.save({'meta': {}, 'state_dict': want}, str(tmp_path / 'ours.pth'))
-        again = _build_mm(cfg, case)
+        again = _build_mm(cfg, scope)
         load_checkpoint(again, str(tmp_path / 'ours.pth'), map_location='cpu', strict=False)
         assert again.backbone.loaded_layout == 'vitzoo'
         assert all(torch.equal(again.state_dict()[k], v) for k, v in want.items())
@@ -534,9 +540,166 @@ def test_official_full_checkpoint_loads_through_load_from(tmp_path, case):
         partial['backbone.model.stages.9.pos_embed'] = torch.zeros(1)
         torch.save({'meta': {}, 'state_dict': partial}, str(tmp_path / 'ours_bad.pth'))
         with pytest.raises(CheckpointError, match=r'model\.stages\.1\.pos_embed.*model\.stages\.9\.pos_embed'):
-            load_checkpoint(_build_mm(cfg, case), str(tmp_path / 'ours_bad.pth'), map_location='cpu', strict=False)
+            load_checkpoint(_build_mm(cfg, scope), str(tmp_path / 'ours_bad.pth'), map_location='cpu', strict=False)
         # init_cfg with the official full checkpoint: the same mapping
         bb_cfg = dict(cfg.model.backbone, init_cfg=dict(type='Pretrained', checkpoint=path))
         bb = AgentPVT(**{k: v for k, v in bb_cfg.items() if k != 'type'})
         bb.init_weights()
         assert all(torch.equal(v, want[f'backbone.{k}']) for k, v in bb.state_dict().items())
+
+
+def test_mm_test_tool_with_an_official_checkpoint(tmp_path):
+    from vitzoo.data.dense import write_ade20k
+    data = str(tmp_path / 'ade') + '/'
+    write_ade20k(data, num_train=1, num_val=2, img_size=64)
+    cfg, ref = _official_case('swin')
+    reference = _reference_model(cfg, ref, 'swin', tmp_path)
+    ours = reference.state_dict()
+    official = _official_dense_checkpoint(ref, ours, 'swin')
+    paths = {}
+    for name, sd in (('ours', ours), ('official', official),
+                     ('no_backbone', {k: v for k, v in ours.items() if not k.startswith('backbone.')})):
+        paths[name] = str(tmp_path / f'{name}.pth')
+        torch.save({'meta': {}, 'state_dict': sd}, paths[name])
+    bb, dh, ah = cfg.model.backbone, cfg.model.decode_head, cfg.model.auxiliary_head
+    options = [f'{k}={v}'.replace(' ', '') for k, v in (
+        ('model.backbone.embed_dim', bb.embed_dim), ('model.backbone.depths', bb.depths),
+        ('model.backbone.num_heads', bb.num_heads), ('model.backbone.attn_type', bb.attn_type),
+        ('model.decode_head.in_channels', dh.in_channels), ('model.decode_head.channels', dh.channels),
+        ('model.auxiliary_head.in_channels', ah.in_channels), ('model.auxiliary_head.channels', ah.channels),
+        ('model.data_preprocessor.size', (64, 64)), ('test_dataloader.dataset.data_root', data))]
+    results = {}
+    for name in ('ours', 'official'):
+        work = str(tmp_path / f'work_{name}')
+        out = str(tmp_path / f'{name}.pkl')
+        mm_test.main([osp.join(ROOT, 'configs/mmseg/upernet_agent-swin-t_demo.py'), paths[name], '--work-dir', work,
+                      '--out', out, '--cfg-options'] + options)
+        log = open(glob.glob(osp.join(work, '*', '*.log'))[0]).read()
+        layout = 'mapped from the official checkpoint layout' if name == 'official' else 'loaded from the vitzoo layout'
+        assert f'mm_test: backbone AgentSwinTransformer (agent_swin_tiny) was {layout}' in log
+        with open(out, 'rb') as f:
+            results[name] = pickle.load(f)
+    # the same predictions, bit for bit, from the official file and from the vitzoo file with the same weights
+    assert len(results['official']) == len(results['ours']) == 2
+    for a, b in zip(results['official'], results['ours']):
+        assert torch.equal(a['seg_logits']['data'], b['seg_logits']['data'])
+        assert torch.equal(a['pred_sem_seg']['data'], b['pred_sem_seg']['data'])
+    # no backbone tensors at all: refused instead of testing a random backbone
+    with pytest.raises(RuntimeError, match='no tensors for the backbone'):
+        mm_test.main([osp.join(ROOT, 'configs/mmseg/upernet_agent-swin-t_demo.py'), paths['no_backbone'],
+                      '--work-dir', str(tmp_path / 'work_none'), '--cfg-options'] + options)
+
+
+def _official_2x_keys(kind, in_channels):
+    """Neck / head state-dict names and shapes of the official mmdet 2.x / mmseg 0.x models (no backbone).
+
+    Written from the official code (LeapLabTHU/Agent-Attention, vendored mmdet 2.25 / mmseg 0.x): ``necks/fpn.py``
+    (``lateral_convs`` / ``fpn_convs`` ConvModules, extra convs appended to ``fpn_convs``), ``dense_heads/
+    rpn_head.py`` (``rpn_conv`` / ``rpn_cls`` / ``rpn_reg``), ``dense_heads/retina_head.py`` (``cls_convs`` /
+    ``reg_convs`` / ``retina_cls`` / ``retina_reg``), ``roi_heads/bbox_heads/convfc_bbox_head.py`` (``shared_convs`` /
+    ``shared_fcs`` / ``fc_cls`` / ``fc_reg``), ``roi_heads/mask_heads/fcn_mask_head.py`` (``convs`` / ``upsample`` /
+    ``conv_logits``), ``roi_heads/cascade_roi_head.py`` (ModuleLists of 3 box and 3 mask heads), and mmseg's
+    ``decode_heads/{uper_head,psp_head,fcn_head,fpn_head,decode_head}.py``; with the settings of the official configs
+    (``configs/_base_/models/{mask_rcnn_r50_fpn,mask_rcnn_swin_fpn,cascade_mask_rcnn_swin_fpn,retinanet_r50_fpn}.py``
+    and ``agent_swin/*_crcnn_*.py`` for detection, ``_base_/models/{upernet_swin,fpn_r50}.py`` for segmentation).
+    """
+    sd = {}
+
+    def conv(p, cout, cin, k, bn=False, bias=True):
+        sd[f'{p}.conv.weight'] = (cout, cin, k, k)
+        if bn:
+            sd.update({f'{p}.bn.{n}': (cout,) for n in ('weight', 'bias', 'running_mean', 'running_var')})
+            sd[f'{p}.bn.num_batches_tracked'] = ()
+        elif bias:
+            sd[f'{p}.conv.bias'] = (cout,)
+
+    def lin(p, cout, cin, k=None):
+        sd[f'{p}.weight'] = (cout, cin) if k is None else (cout, cin, k, k)
+        sd[f'{p}.bias'] = (cout,)
+
+    def fpn(start=0, num_outs=5, extra_on_input=False):
+        for j, c in enumerate(in_channels[start:]):
+            conv(f'neck.lateral_convs.{j}', 256, c, 1)
+        n = len(in_channels) - start
+        for j in range(n):
+            conv(f'neck.fpn_convs.{j}', 256, 256, 3)
+        for j in range(num_outs - n if extra_on_input else 0):
+            conv(f'neck.fpn_convs.{n + j}', 256, in_channels[-1] if j == 0 else 256, 3)
+
+    def rpn():
+        lin('rpn_head.rpn_conv', 256, 256, 3)
+        lin('rpn_head.rpn_cls', 3, 256, 1)  # 3 anchors, sigmoid
+        lin('rpn_head.rpn_reg', 12, 256, 1)
+
+    def mask_head(p):
+        for i in range(4):
+            conv(f'{p}.convs.{i}', 256, 256, 3)
+        lin(f'{p}.upsample', 256, 256, 2)  # ConvTranspose2d(256, 256, 2): weight (in, out, 2, 2)
+        lin(f'{p}.conv_logits', 80, 256, 1)
+
+    if kind == 'mask_rcnn':
+        fpn()
+        rpn()
+        lin('roi_head.bbox_head.shared_fcs.0', 1024, 256 * 7 * 7)
+        lin('roi_head.bbox_head.shared_fcs.1', 1024, 1024)
+        lin('roi_head.bbox_head.fc_cls', 81, 1024)
+        lin('roi_head.bbox_head.fc_reg', 320, 1024)
+        mask_head('roi_head.mask_head')
+    elif kind == 'cascade':
+        fpn()
+        rpn()
+        for s in range(3):  # ConvFCBBoxHead 4 convs (SyncBN, no conv bias) + 1 fc, class-specific regression
+            p = f'roi_head.bbox_head.{s}'
+            for i in range(4):
+                conv(f'{p}.shared_convs.{i}', 256, 256, 3, bn=True)
+            lin(f'{p}.shared_fcs.0', 1024, 256 * 7 * 7)
+            lin(f'{p}.fc_cls', 81, 1024)
+            lin(f'{p}.fc_reg', 320, 1024)
+        for s in range(3):
+            mask_head(f'roi_head.mask_head.{s}')
+    elif kind == 'retinanet':
+        fpn(start=1, extra_on_input=True)
+        for i in range(4):
+            conv(f'bbox_head.cls_convs.{i}', 256, 256, 3)
+            conv(f'bbox_head.reg_convs.{i}', 256, 256, 3)
+        lin('bbox_head.retina_cls', 9 * 80, 256, 3)  # 9 anchors x 80 classes (sigmoid)
+        lin('bbox_head.retina_reg', 9 * 4, 256, 3)
+    elif kind == 'upernet':
+        for i in range(4):  # PPM pool scales (1, 2, 3, 6): Sequential(AdaptiveAvgPool2d, ConvModule)
+            conv(f'decode_head.psp_modules.{i}.1', 512, in_channels[-1], 1, bn=True)
+        conv('decode_head.bottleneck', 512, in_channels[-1] + 4 * 512, 3, bn=True)
+        for i, c in enumerate(in_channels[:-1]):
+            conv(f'decode_head.lateral_convs.{i}', 512, c, 1, bn=True)
+            conv(f'decode_head.fpn_convs.{i}', 512, 512, 3, bn=True)
+        conv('decode_head.fpn_bottleneck', 512, 4 * 512, 3, bn=True)
+        lin('decode_head.conv_seg', 150, 512, 1)
+        conv('auxiliary_head.convs.0', 256, in_channels[2], 3, bn=True)  # FCNHead num_convs=1, concat_input=False
+        lin('auxiliary_head.conv_seg', 150, 256, 1)
+    elif kind == 'fpn_seg':
+        fpn(num_outs=4)
+        for i in range(4):  # FPNHead, strides 4..32: i conv(+Upsample) pairs for i > 0, one conv for i = 0
+            for k in range(max(1, i)):
+                conv(f'decode_head.scale_heads.{i}.{2 * k}', 128, 256 if k == 0 else 128, 3, bn=True)
+        lin('decode_head.conv_seg', 150, 128, 1)
+    return sd
+
+
+@pytest.mark.parametrize('name,kind', [
+    ('mask-rcnn_agent-pvt-t_fpn_1x_coco.py', 'mask_rcnn'), ('mask-rcnn_agent-swin-s_fpn_3x_coco.py', 'mask_rcnn'),
+    ('cascade-mask-rcnn_agent-swin-b_fpn_3x_coco.py', 'cascade'), ('retinanet_agent-pvt-l_fpn_1x_coco.py', 'retinanet'),
+    ('upernet_agent-swin-t_160k_ade20k-512x512.py', 'upernet'), ('fpn_agent-pvt-m_40k_ade20k-512x512.py', 'fpn_seg'),
+])
+def test_official_head_and_neck_keys(name, kind):
+    """mmdet 3.x / mmseg 1.x build our configs' necks and heads with the official 2.x / 0.x names and shapes, so a
+    released checkpoint's non-backbone tensors load unchanged (only the backbone's names need mapping)."""
+    path = glob.glob(osp.join(ROOT, 'configs', '*', name))[0]
+    cfg = Config.fromfile(path)
+    _reduce_backbone(cfg)
+    model = _build_mm(cfg, 'mmdet' if '/mmdet/' in path else 'mmseg')
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith('backbone.')}
+    widths = {'pvt': [64, 128, 320, 512], 'swin-t': [96, 192, 384, 768], 'swin-s': [96, 192, 384, 768],
+              'swin-b': [128, 256, 512, 1024]}
+    variant = next(v for v in widths if f'agent-{v}' in name) if 'swin' in name else 'pvt'
+    official = _official_2x_keys(kind, widths[variant])
+    assert sorted(set(official) - set(ours)) == [] and sorted(set(ours) - set(official)) == []
+    assert {k: v for k, v in ours.items() if official[k] != v} == {}
