@@ -541,11 +541,11 @@ def test_official_full_checkpoint_loads_through_load_from(tmp_path, case):
         torch.save({'meta': {}, 'state_dict': partial}, str(tmp_path / 'ours_bad.pth'))
         with pytest.raises(CheckpointError, match=r'model\.stages\.1\.pos_embed.*model\.stages\.9\.pos_embed'):
             load_checkpoint(_build_mm(cfg, scope), str(tmp_path / 'ours_bad.pth'), map_location='cpu', strict=False)
-        # init_cfg with the official full checkpoint: the same mapping
-        bb_cfg = dict(cfg.model.backbone, init_cfg=dict(type='Pretrained', checkpoint=path))
-        bb = AgentPVT(**{k: v for k, v in bb_cfg.items() if k != 'type'})
-        bb.init_weights()
-        assert all(torch.equal(v, want[f'backbone.{k}']) for k, v in bb.state_dict().items())
+    # init_cfg with the official full checkpoint: the same mapping (Swin's output norms included)
+    kwargs = {k: v for k, v in cfg.model.backbone.items() if k != 'type'}
+    bb = type(model.backbone)(**kwargs, init_cfg=dict(type='Pretrained', checkpoint=path))
+    bb.init_weights()
+    assert all(torch.equal(v, want[f'backbone.{k}']) for k, v in bb.state_dict().items())
 
 
 def test_mm_test_tool_with_an_official_checkpoint(tmp_path):

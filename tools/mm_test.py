@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def backbone_load_report(model) -> str:
+def backbone_load_report(model: 'torch.nn.Module') -> str:
     """One log line on how the backbone's weights were loaded; raises if a vitzoo backbone received none.
 
     Args:
@@ -49,8 +49,8 @@ def backbone_load_report(model) -> str:
     from mmengine.model import is_model_wrapper
     model = model.module if is_model_wrapper(model) else model
     backbone = getattr(model, 'backbone', None)
-    if backbone is None or not hasattr(backbone, 'loaded_layout'):
-        return f'mm_test: backbone {type(backbone).__name__} is not a vitzoo backbone; loaded by mmengine as is'
+    if not hasattr(backbone, 'loaded_layout'):
+        return f'mm_test: the backbone ({type(backbone).__name__}) is not a vitzoo backbone; loaded by mmengine as is'
     name = f'{type(backbone).__name__} ({backbone.model_name})'
     if backbone.loaded_layout is None:
         raise RuntimeError(f'mm_test: the checkpoint has no tensors for the backbone {name} (no "backbone." keys): '

@@ -28,6 +28,13 @@ Pretrained ImageNet weights: ``init_cfg=dict(type='Pretrained', checkpoint=PATH_
 classification checkpoints (mapped with the family's ``checkpoint_filter_fn``) and full mm checkpoints of these
 backbones (``backbone.`` keys, or any ``prefix=``). Local files are read with ``torch.load(weights_only=True)``.
 
+Released official detection / segmentation checkpoints (mmdet 2.x / mmseg 0.x, official backbone key names such as
+``backbone.patch_embed1.*``, ``backbone.layers.0.downsample.*``, ``backbone.norm0.*``) load wherever a state dict is
+loaded into a backbone (``load_from``, ``Runner.load_checkpoint``, ``tools/mm_test.py``, ``load_state_dict``):
+``_TimmBackbone._load_from_state_dict`` maps them with :meth:`_TimmBackbone.convert_official_state_dict`, the same
+code ``init_cfg`` uses, and raises :class:`~vitzoo.models.CheckpointError` naming the keys that do not fit, where
+mmengine's non-strict load would only warn and leave a randomly initialised backbone.
+
 Import this module only through ``vitzoo.mmdet`` / ``vitzoo.mmseg`` (or mm ``custom_imports``): importing ``vitzoo``
 itself never imports mmengine.
 """
@@ -215,9 +222,9 @@ class _TimmBackbone(BaseModule):
         guoyongcs/TAPADL ``TAPADL_FAN/segmentation/mmseg/models/backbones/tap_fan.py``), and no wrapper uses it (pruned,
         or an Identity in TAPFAN), so the filled tensors are dropped again after the check.
         """
-        used = self.model.state_dict()
         if any(k.startswith('norm.') for k in state_dict):
             return state_dict
+        used = self.model.state_dict()
         fill = {k: v for k, v in full.state_dict().items() if k.startswith('norm.') and k not in used}
         return {**state_dict, **fill} if fill else state_dict
 
