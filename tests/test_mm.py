@@ -511,6 +511,11 @@ def test_official_full_checkpoint_loads_through_load_from(tmp_path, case):
     assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
     outs, ref_outs = _mm_outputs(model, case), _mm_outputs(reference, case)
     assert len(outs) == len(ref_outs)
+    # torch's own strict load (tools/eval_cityscapes_c.py) takes the same path
+    plain = _build_mm(cfg, scope)
+    assert not plain.load_state_dict(official, strict=True).missing_keys
+    assert plain.backbone.loaded_layout == 'official'
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in want.items())
     for a, b in zip(outs, ref_outs):
         assert a.shape == b.shape and torch.equal(a, b)
 
