@@ -337,8 +337,8 @@ class _TimmBackbone(BaseModule):
             getattr(self, name).load_state_dict(
                 {k[n:]: v for k, v in state_dict.items() if k.startswith(f'{name}.')}, strict=True)
         norms = f'output norms loaded: {extra}' if extra else 'output norms keep their init'
-        logger.info(f'{type(self).__name__}: loaded official-layout checkpoint {checkpoint} ({len(state_dict)} '
-                    f'tensors; not used: {len(dropped)}; {norms})')
+        logger.info(f'{type(self).__name__}: loaded checkpoint {checkpoint} through the family filter '
+                    f'({len(state_dict)} tensors; not used: {len(dropped)}; {norms})')
 
 
 class _AgentBackbone(_TimmBackbone):
