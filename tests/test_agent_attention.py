@@ -44,6 +44,18 @@ def test_fused_equals_explicit_gradients():
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-4, rtol=1e-4, msg=n)
         assert grads[0][n].abs().sum() > 0, f'{n} got no gradient'
+    # Frozen biases (no gradient for attn_mask): the CPU trains through SDPA's own backward, same gradients
+    for p in m._bias_params():
+        p.requires_grad_(False)
+    frozen = []
+    for fused in (True, False):
+        m.zero_grad()
+        m.fused_attn = fused
+        xg = x.clone().requires_grad_()
+        m(xg, (8, 8)).square().sum().backward()
+        frozen.append({'x': xg.grad, **{n: p.grad for n, p in m.named_parameters() if p.requires_grad}})
+    for n in frozen[0]:  # large random weights: gradients up to ~1e4, compared relative to their largest entry
+        assert (frozen[0][n] - frozen[1][n]).abs().max() < 1e-5 * frozen[0][n].abs().max(), n
 
 
 def _three_paths(m: AgentAttention, fn):

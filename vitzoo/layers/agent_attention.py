@@ -20,7 +20,9 @@ Beyond the official code:
   ~130 MB of resident memory to a model for a ~1% gain, since building them costs O(H·n·N) against the attention's
   O(H·n·N·d);
 - both softmax stages can run through ``F.scaled_dot_product_attention`` with the biases as additive float masks
-  (``fused_attn=True``); the explicit path computes the same thing with materialised attention maps;
+  (``fused_attn=True``); the explicit path computes the same thing with materialised attention maps. Training on a
+  CPU with trainable biases takes the explicit path: SDPA's CPU kernel has no mask gradient and would fall back to a
+  slower math path;
 - the *factored* path (``fused_attn=True`` and few agents per channel, n·H <= C/2: the high-resolution stages of
   Agent-PVT/Swin/CSwin) never forms Q and K. Pooling commutes with the affine q projection, so the agents are
   ``A = pool(X) W_q^T + b_q``; the logits are ``Q A^T = X (A W_q)^T + b_q A^T`` and ``A K^T = (A W_k) X^T + A b_k``,
@@ -137,17 +139,23 @@ def agent_attention(
         bias1: Agent-aggregation bias, broadcastable to (B, H, n, M).
         bias2: Agent-broadcast bias, broadcastable to (B, H, N, n).
         scale: Logit scale (head_dim ** -0.5).
-        fused: Use ``F.scaled_dot_product_attention``; otherwise materialise both attention maps.
+        fused: Use ``F.scaled_dot_product_attention`` (on a CPU only where its kernel fits: see below); otherwise
+            materialise both attention maps.
         dropout_p: Dropout on both attention maps (training only; pass 0 in eval).
 
     Returns:
         (B, H, N, d) output.
     """
     B, H = q.shape[:2]
+    cpu = q.device.type == 'cpu'
     # The CPU flash kernel parallelises over (batch, head, query block); the aggregation stage has only n_a queries
     # (one block), so with fewer (batch x head) items than threads it runs on one core over all N keys — several
     # times slower than the GEMM path, which parallelises over N. Use SDPA there only when it can fill the cores.
-    fused1 = fused and (q.device.type != 'cpu' or B * H >= _num_threads())
+    # Nor has the CPU kernel a gradient for attn_mask: with trainable biases SDPA falls back to its math path (the
+    # explicit computation plus a NaN-safe softmax's extra passes), so training on a CPU takes the explicit path.
+    grad = torch.is_grad_enabled()
+    fused1 = fused and (not cpu or B * H >= _num_threads() and not (grad and bias1.requires_grad))
+    fused2 = fused and (not cpu or not (grad and bias2.requires_grad))
     if fused1:
         agent_v = F.scaled_dot_product_attention(agents, k, v, attn_mask=bias1, dropout_p=dropout_p, scale=scale)
     else:
@@ -156,7 +164,7 @@ def agent_attention(
         if dropout_p > 0.0:
             attn = F.dropout(attn, p=dropout_p)
         agent_v = attn @ v
-    if fused:
+    if fused2:
         return F.scaled_dot_product_attention(q, agents, agent_v, attn_mask=bias2, dropout_p=dropout_p, scale=scale)
     attn = ((q * scale) @ agents.transpose(-2, -1) + bias2).softmax(dim=-1)
     if dropout_p > 0.0:
@@ -421,7 +429,12 @@ class AgentAttention(nn.Module):
         x = agent_attention(q, k, v, agents, bias1, bias2, self.scale, fused=self.fused_attn, dropout_p=dropout_p)
         x = x.transpose(1, 2).reshape(B, N, C)
 
-        v_grid = v_grid.reshape(B, kh, kw, C).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        v_grid = v_grid.reshape(B, kh, kw, C).permute(0, 3, 1, 2)
+        if not (torch.is_grad_enabled() and v_grid.requires_grad):
+            # A dense channels-last copy for the conv. Not when training: the conv saves its input for the weight
+            # gradient, and a copy would be one (B, C, h, w) tensor per block more; the view shares the projection
+            # output, which the agent pooling keeps alive anyway.
+            v_grid = v_grid.contiguous(memory_format=torch.channels_last)
         if (kh, kw) != (h, w):
             v_grid = F.interpolate(v_grid, size=(h, w), mode='bilinear', align_corners=False)
         dwc = getattr(self, self.dwc_name)(v_grid).flatten(2).transpose(1, 2)
