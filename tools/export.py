@@ -195,8 +195,8 @@ def export_onnx(model: nn.Module, x: torch.Tensor, fam: Family, dynamic: bool, p
     with explicit_attention(model), torch.no_grad(), _quiet():
         torch.onnx.export(model, (x,), path, dynamo=True, opset_version=opset, input_names=['x'],
                           output_names=['logits'], dynamic_shapes=ds, external_data=False, verbose=False)
-    got = max((o.version for o in onnx.load(path, load_external_data=False).opset_import if o.domain in ('', 'ai.onnx')),
-              default=-1)
+    imports = onnx.load(path, load_external_data=False).opset_import
+    got = max((o.version for o in imports if o.domain in ('', 'ai.onnx')), default=-1)
     if got != opset:
         raise ExportError(f'--opset {opset}: the exporter produced opset {got} (its conversion down from opset 18 '
                           f'failed, e.g. no antialiased Resize before 18); use --opset 18 or newer')
