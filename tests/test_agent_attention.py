@@ -286,3 +286,42 @@ def test_training_mlp_fused_backward_bit_identical(dtype):
     assert not isinstance(y.grad_fn.next_functions[0][0], _GeluMlpFunction._backward_cls)
     y.backward(retain_graph=True)
     y.backward()
+
+
+def test_use_sdpa_rule():
+    """SDPA unless a CPU backward would be slow: a mask that needs a gradient, or bf16 / fp16 inputs."""
+    from vitzoo.layers.sdpa import use_sdpa
+    q = torch.randn(2, 2, 5, 4, requires_grad=True)
+    mask = torch.zeros(1, 2, 5, 5, requires_grad=True)
+    assert use_sdpa(q, q, q) and use_sdpa(q, q, q, mask.detach())
+    assert not use_sdpa(q, q, q, mask)
+    qb = q.detach().bfloat16().requires_grad_()
+    assert not use_sdpa(qb, qb, qb)
+    assert use_sdpa(qb.detach(), qb.detach(), qb.detach())  # nothing to differentiate: the fast SDPA forward
+    with torch.no_grad():
+        assert use_sdpa(qb, qb, qb) and use_sdpa(q, q, q, mask)
+
+
+def test_bf16_training_takes_the_explicit_path():
+    """Under bf16 autocast a CPU training step avoids SDPA's slow reduced-precision backward (CSwin stripes, PVT
+    spatial reduction, the agent attention with frozen biases) and keeps SDPA in inference."""
+    from torch.profiler import profile
+
+    from vitzoo.models.agent_cswin import LePEAttention
+    from vitzoo.models.agent_pvt import SpatialReductionAttention
+    lepe, sra = LePEAttention(32, 2, idx=0, split_size=4), SpatialReductionAttention(32, 2, sr_ratio=2)
+    agent = _randomize(AgentAttention(32, num_heads=2, agent_num=4, window_size=(8, 8))).train()
+    agent.factored = False
+    for p in agent._bias_params():
+        p.requires_grad_(False)
+    x = torch.randn(2, 64, 32, requires_grad=True)
+    q, k, v = (torch.randn(2, 64, 32, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))  # projected
+    calls = [lambda: lepe(q, k, v, (8, 8)), lambda: sra(x, (8, 8)), lambda: agent(x, (8, 8))]
+    for fn in calls:
+        with profile() as prof, torch.autocast('cpu', dtype=torch.bfloat16):
+            out = fn()
+        assert out.dtype == torch.bfloat16
+        assert not [e.key for e in prof.key_averages() if 'scaled_dot_product' in e.key]
+        with torch.no_grad(), profile() as prof, torch.autocast('cpu', dtype=torch.bfloat16):
+            fn()
+        assert [e.key for e in prof.key_averages() if 'scaled_dot_product' in e.key]

@@ -21,8 +21,8 @@ Beyond the official code:
   O(H·n·N·d);
 - both softmax stages can run through ``F.scaled_dot_product_attention`` with the biases as additive float masks
   (``fused_attn=True``); the explicit path computes the same thing with materialised attention maps. Training on a
-  CPU with trainable biases takes the explicit path: SDPA's CPU kernel has no mask gradient and would fall back to a
-  slower math path;
+  CPU with trainable biases or under bf16 autocast takes the explicit path (``vitzoo.layers.sdpa.use_sdpa``: SDPA's
+  CPU kernel has no mask gradient, and its reduced-precision backward is several times slower);
 - the *factored* path (``fused_attn=True`` and few agents per channel, n·H <= C/2: the high-resolution stages of
   Agent-PVT/Swin/CSwin) never forms Q and K. Pooling commutes with the affine q projection, so the agents are
   ``A = pool(X) W_q^T + b_q``; the logits are ``Q A^T = X (A W_q)^T + b_q A^T`` and ``A K^T = (A W_k) X^T + A b_k``,
@@ -38,6 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from .sdpa import use_sdpa
 
 __all__ = ['AgentAttention', 'agent_attention', 'adaptive_avg_pool', 'resize_bias_1d', 'resize_agent_grid',
            'split_qkv']
@@ -147,15 +149,11 @@ def agent_attention(
         (B, H, N, d) output.
     """
     B, H = q.shape[:2]
-    cpu = q.device.type == 'cpu'
     # The CPU flash kernel parallelises over (batch, head, query block); the aggregation stage has only n_a queries
     # (one block), so with fewer (batch x head) items than threads it runs on one core over all N keys — several
     # times slower than the GEMM path, which parallelises over N. Use SDPA there only when it can fill the cores.
-    # Nor has the CPU kernel a gradient for attn_mask: with trainable biases SDPA falls back to its math path (the
-    # explicit computation plus a NaN-safe softmax's extra passes), so training on a CPU takes the explicit path.
-    grad = torch.is_grad_enabled()
-    fused1 = fused and (not cpu or B * H >= _num_threads() and not (grad and bias1.requires_grad))
-    fused2 = fused and (not cpu or not (grad and bias2.requires_grad))
+    # Training on a CPU with trainable biases or in bf16 / fp16 takes the explicit path (see use_sdpa).
+    fused1 = fused and (q.device.type != 'cpu' or B * H >= _num_threads()) and use_sdpa(agents, k, v, bias1)
     if fused1:
         agent_v = F.scaled_dot_product_attention(agents, k, v, attn_mask=bias1, dropout_p=dropout_p, scale=scale)
     else:
@@ -164,7 +162,7 @@ def agent_attention(
         if dropout_p > 0.0:
             attn = F.dropout(attn, p=dropout_p)
         agent_v = attn @ v
-    if fused2:
+    if fused and use_sdpa(q, agents, agent_v, bias2):
         return F.scaled_dot_product_attention(q, agents, agent_v, attn_mask=bias2, dropout_p=dropout_p, scale=scale)
     attn = ((q * scale) @ agents.transpose(-2, -1) + bias2).softmax(dim=-1)
     if dropout_p > 0.0:

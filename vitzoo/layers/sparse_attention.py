@@ -61,6 +61,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .sdpa import use_sdpa
+
 __all__ = [
     'ConnectivityPredictor', 'SparseAttention', 'resize_token_projection', 'attention_budget', 'mask_from_indices',
     'topk_nonneg',
@@ -439,7 +441,7 @@ class SparseAttention(nn.Module):
             bias = _mask_bias(approx, idx, npt)
 
         out: Dict[str, Optional[torch.Tensor]] = {'approx': approx, 'idx': idx}
-        if self.fused_attn and not return_attn:
+        if self.fused_attn and not return_attn and use_sdpa(q, k, v, bias):
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.)
             if need_cls_attn:

@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .sdpa import use_sdpa
+
 __all__ = ['SpatialTokenAttention', 'spatial_mask_from_logits', 'fuse_spatial_masks', 'gaussian_kernel',
            'gaussian_filter_map']
 
@@ -97,7 +99,7 @@ class SpatialTokenAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         want_mask = need_mask or self.spatial_aware
         mask = None
-        if self.fused_attn:
+        if self.fused_attn and use_sdpa(q, k, v):
             if want_mask:
                 q_tok = q.narrow(2, self.token_index % N, 1)  # only the spatial token's logit row is needed
                 mask = spatial_mask_from_logits((q_tok @ k.transpose(-2, -1)).squeeze(2) * self.scale)

@@ -49,6 +49,7 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from vitzoo.layers.agent_attention import AgentAttention, resize_bias_1d, split_qkv
+from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
 from ._helpers import Mlp, check_state_dict, unwrap_state_dict
 
@@ -165,7 +166,7 @@ class LePEAttention(nn.Module):
         if ph or pw:
             mask = self._pad_mask(h, w, ph, pw, wh, ww, q.device, q.dtype)
             mask = mask.repeat(B, 1, 1, 1)  # windows are batch-major
-        if self.fused_attn:
+        if self.fused_attn and use_sdpa(q, k, v, mask):
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale)
         else:

@@ -41,6 +41,7 @@ from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from vitzoo.layers.agent_attention import AgentAttention, resize_bias_1d
+from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
 from ._helpers import Mlp, check_state_dict, sizes_match, unwrap_state_dict
 
@@ -105,7 +106,7 @@ class SpatialReductionAttention(nn.Module):
             x = self.norm(x)
         # kv channels: k first, then v (official layout)
         k, v = self.kv(x).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.fused_attn:
+        if self.fused_attn and use_sdpa(q, k, v):
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
         else:
             attn = (q @ k.transpose(-2, -1)) * self.scale

@@ -48,6 +48,7 @@ from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from vitzoo.layers.agent_attention import AgentAttention, resize_bias_1d
+from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
 from ._helpers import Mlp, check_state_dict, unwrap_state_dict
 
@@ -168,7 +169,7 @@ class WindowAttention(nn.Module):
         B, nW, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, nW, N, 3, self.num_heads, self.head_dim).permute(3, 0, 1, 4, 2, 5).unbind(0)
         bias = self._rel_pos_bias(window).to(q.dtype)  # H, N, N
-        if self.fused_attn:
+        if self.fused_attn and use_sdpa(q, k, v, bias):
             attn_mask = bias if mask is None else bias + mask.to(q.dtype).unsqueeze(1)
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale)

@@ -46,6 +46,7 @@ from timm.models._features import feature_take_indices
 from timm.models.convnext import ConvNeXtStage
 from timm.models.xcit import ClassAttentionBlock, PositionalEncodingFourier
 
+from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.layers.token_pooling import DilatedAvgPooling, DilationPredictor, token_aware_pool
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
 from ._helpers import finish_tap_state_dict, unwrap_state_dict
@@ -76,7 +77,7 @@ class TokenMixing(nn.Module):
         q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         attn = None
-        if self.fused_attn and not return_attn:
+        if self.fused_attn and not return_attn and use_sdpa(q, k, v):
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
         else:
             attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)

@@ -39,6 +39,7 @@ from timm.layers import DropPath, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.layers.token_pooling import DilatedAvgPooling, DilationPredictor, token_aware_pool
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
 from ._helpers import CheckpointError, finish_tap_state_dict, unwrap_state_dict
@@ -93,7 +94,7 @@ class Attention(nn.Module):
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         attn = None
-        if self.fused_attn and not return_attn and not self.use_mask:
+        if self.fused_attn and not return_attn and not self.use_mask and use_sdpa(q, k, v):
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
         else:
             attn = (q @ k.transpose(-2, -1)) * self.scale
