@@ -91,7 +91,9 @@ FAMILIES: Tuple[Family, ...] = (
     Family('sat_deit', ('sat_deit_*',), 'sat_deit_tiny', dict(embed_dim=48, depth=3, num_heads=3)),
     Family('fan', ('tap_fan_*', 'fan_*'), 'tap_fan_tiny_8_p4_hybrid',
            dict(embed_dim=32, depth=2, num_heads=2, backbone_depths=(1, 1), backbone_dims=(16, 32, 64, 128))),
-    Family('rvt', ('tap_rvt_*', 'rvt_*'), 'tap_rvt_tiny', dict(base_dims=[16], depth=[2], heads=[2])),
+    # the '_plus' variant: its att_mask (block 0) is the superset of the RVT code paths
+    Family('rvt', ('tap_rvt_*', 'rvt_*'), 'tap_rvt_base_plus',
+           dict(base_dims=[16], depth=[2], heads=[2], masked_block=1)),
 )
 # Height / width of a dynamic export are multiples of this (the largest total stride of the dynamic families).
 SIZE_MULTIPLE = 32

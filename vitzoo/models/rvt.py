@@ -42,7 +42,7 @@ from timm.models._features import feature_take_indices
 from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.layers.token_pooling import DilatedAvgPooling, DilationPredictor, token_aware_pool
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
-from ._helpers import CheckpointError, finish_tap_state_dict, unwrap_state_dict
+from ._helpers import CheckpointError, finish_tap_state_dict, sizes_match, unwrap_state_dict
 
 __all__ = ['RVT']
 
@@ -55,7 +55,7 @@ def resize_att_mask(mask: torch.Tensor, old_hw: Tuple[int, int], new_hw: Tuple[i
         old_hw: Grid it was made for.
         new_hw: Target grid.
     """
-    if tuple(old_hw) == tuple(new_hw):
+    if sizes_match(old_hw, new_hw):  # no guard on a symbolic size: it takes the (exact at an equal size) resize
         return mask
     h = mask.shape[0]
     (oh, ow), (nh, nw) = old_hw, new_hw
