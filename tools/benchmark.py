@@ -438,6 +438,9 @@ TRAIN_MODELS = ['agent_deit_tiny', 'agent_pvt_tiny', 'agent_swin_tiny', 'agent_c
 TRAIN_TIMM_COUNTERPARTS = dict(TIMM_COUNTERPARTS, sparsifiner_deit_tiny='deit_tiny_patch16_224',
                                sat_deit_tiny='deit_tiny_patch16_224', tap_fan_tiny_12_p16_224='deit_tiny_patch16_224',
                                tap_rvt_tiny='deit_tiny_patch16_224')
+# The official builders scale Swin's WINDOW_SIZE with the image (window blocks: WINDOW_SIZE // 8, so stage 4 is one
+# window above 224²); ours gets the same configuration, or the two would not compute the same function there.
+TRAIN_OURS_KWARGS = {'agent_swin_tiny': lambda s: dict(window_size=56 * s // 224)}
 CLOCKS = {'wall': time.perf_counter, 'cpu': time.process_time}
 
 
@@ -455,7 +458,7 @@ def _train_candidates(
     torch.manual_seed(0)
     cands = {}
     if only in (None, 'ours'):
-        cands['ours'] = timm.create_model(name, img_size=s)
+        cands['ours'] = timm.create_model(name, img_size=s, **TRAIN_OURS_KWARGS.get(name, lambda _: {})(s))
     builders = official_builders(import_official(official_dir)) if official_dir and only in (None, 'official') else {}
     if name in builders:
         cands['official'] = builders[name](s)
@@ -534,6 +537,7 @@ def suite_train(args, results: Dict) -> None:
                     if 'official_mib' in row:
                         row['mem_vs_official'] = round(row['ours_mib'] / max(row['official_mib'], 1e-9), 2)
                 rows.append(row)
+                print('  ' + ', '.join(f'{k}={_fmt(v)}' for k, v in row.items()), flush=True)  # long runs: progress
             del cands
     results['train'] = rows
     print_table(f'training step ({what}), ms per step, CPU, {torch.get_num_threads()} threads, {args.timer} time, '
