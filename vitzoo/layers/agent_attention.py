@@ -288,6 +288,30 @@ class AgentAttention(nn.Module):
         for p in self._bias_params():
             _trunc_normal_(p.data, std=0.02)
 
+    # spatial axis of each row/column bias (the axis sized by the token grid the biases were built for)
+    ROW_COL_BIAS_AXES = {'ah_bias': 3, 'aw_bias': 4, 'ha_bias': 2, 'wa_bias': 3}
+
+    def adapt_state_dict(self, state_dict: Dict[str, torch.Tensor], prefix: str = '') -> None:
+        """Fit this module's tensors of a checkpoint (keys under ``prefix``) to its geometry, in place.
+
+        The one checkpoint adaptation of agent attention, used by every family's ``checkpoint_filter_fn`` and so by
+        the mm backbones: row/column biases trained on another token grid (another resolution or window) are resized
+        linearly along their spatial axis, as at run time. Tensors that differ anywhere else are left as they are,
+        for the family's key check to report.
+
+        Args:
+            state_dict: Checkpoint with this model's key names (changed in place).
+            prefix: This module's name in the model, with a trailing dot.
+        """
+        for name, dim in self.ROW_COL_BIAS_AXES.items():
+            k = prefix + name
+            v = state_dict.get(k)
+            own = getattr(self, name).shape
+            if v is None or v.shape == own or v.ndim != len(own):
+                continue
+            if all(a == b for i, (a, b) in enumerate(zip(v.shape, own)) if i != dim):
+                state_dict[k] = resize_bias_1d(v, own[dim], dim)
+
     def _bias_params(self):
         names = ('an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias', 'ac_bias', 'ca_bias')
         return [getattr(self, n) for n in names if getattr(self, n) is not None]

@@ -5,9 +5,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Mlp as _TimmMlp
+from timm.layers import trunc_normal_
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-__all__ = ['CheckpointError', 'unwrap_state_dict', 'check_state_dict', 'embed_patches', 'sizes_match', 'Mlp']
+__all__ = ['CheckpointError', 'unwrap_state_dict', 'check_state_dict', 'adapt_submodules', 'embed_patches', 'sizes_match',
+           'init_weights_trunc_normal', 'Mlp']
 
 
 def sizes_match(a: Tuple[int, ...], b: Tuple[int, ...]) -> bool:
@@ -90,6 +92,34 @@ def check_state_dict(
     if problems:
         more = f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''
         raise CheckpointError(f'checkpoint does not fit {name}: ' + '; '.join(problems[:5]) + more)
+
+
+def adapt_submodules(model: nn.Module, state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Let every submodule that owns a checkpoint adaptation fit its tensors of ``state_dict`` (in place).
+
+    A layer with an ``adapt_state_dict(state_dict, prefix)`` method (e.g. ``AgentAttention``: row/column biases
+    trained at another resolution) adapts the keys under its own name; family filters call this after renaming the
+    official keys and before :func:`check_state_dict`.
+
+    Returns:
+        ``state_dict``.
+    """
+    for name, m in model.named_modules():
+        adapt = getattr(m, 'adapt_state_dict', None)
+        if m is not model and callable(adapt):
+            adapt(state_dict, f'{name}.')
+    return state_dict
+
+
+def init_weights_trunc_normal(m: nn.Module) -> None:
+    """The official ViT/Swin/PVT init (``model.apply``): Linear trunc_normal(std=.02) and zero bias, LayerNorm 1/0."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
 
 
 def finish_tap_state_dict(
