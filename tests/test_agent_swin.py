@@ -153,6 +153,32 @@ def test_window_and_shift_at_other_resolutions():
     assert blk._window_shift(5, 4) == ((5, 4), (0, 0))
 
 
+def test_always_shift_is_the_dense_backbone_rebuild():
+    """``always_shift=True`` equals shifting the odd window blocks after construction and rebuilding their masks
+    (what the mm backbone did before: same shifts, masks and outputs)."""
+    kw = dict(num_classes=10, embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4))
+    torch.manual_seed(0)
+    model = timm.create_model('agent_swin_small', always_shift=True, **kw).eval()
+    torch.manual_seed(0)
+    ref = timm.create_model('agent_swin_small', **kw).eval()
+    for stage in ref.layers:
+        for j, blk in enumerate(stage.blocks):
+            if not blk.is_agent and j % 2 == 1 and blk.shift_size == 0:
+                blk.shift_size = blk.window_size // 2
+                window, shift = blk._window_shift(*blk.input_resolution)
+                blk.attn_mask = window_attn_mask(blk.input_resolution, window, shift)
+    blocks = [(a, b) for sa, sb in zip(model.layers, ref.layers) for a, b in zip(sa.blocks, sb.blocks)]
+    assert [a.shift_size for a, _ in blocks] == [b.shift_size for _, b in blocks] == [0, 3] * 4
+    assert ref.layers[3].blocks[1].attn_mask is None  # 7x7 map = window: the classification model does not shift
+    assert timm.create_model('agent_swin_small', **kw).layers[3].blocks[1].shift_size == 0
+    for a, b in blocks:
+        assert (a.attn_mask is None and b.attn_mask is None) or torch.equal(a.attn_mask, b.attn_mask)
+    with torch.no_grad():
+        for hw in ((224, 224), (448, 448), (320, 256)):
+            x = torch.randn(1, 3, *hw)
+            assert torch.equal(model(x), ref(x)), hw
+
+
 @pytest.mark.parametrize('name,size', [
     ('agent_swin_tiny', 224), ('agent_swin_small', 224), ('agent_swin_base_384', 384)])
 def test_any_resolution_and_default_unchanged(name, size):

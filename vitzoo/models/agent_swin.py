@@ -198,6 +198,7 @@ class AgentSwinBlock(nn.Module):
             agent_num: int = 0,
             window_size: int = 7,
             shift: bool = False,
+            always_shift: bool = False,
             mlp_ratio: float = 4.0,
             qkv_bias: bool = True,
             proj_drop: float = 0.0,
@@ -210,8 +211,10 @@ class AgentSwinBlock(nn.Module):
         self.is_agent = agent_num > 0
         self.input_resolution = tuple(input_resolution)
         self.window_size = window_size
-        # official: one unshifted window when the construction map is no larger than the window
-        self.shift_size = window_size // 2 if shift and min(self.input_resolution) > window_size else 0
+        # official classification model: one unshifted window when the construction map is no larger than the
+        # window; the official downstream (dense) Swin shifts every odd block regardless (``always_shift``)
+        shift = shift and (always_shift or min(self.input_resolution) > window_size)
+        self.shift_size = window_size // 2 if shift else 0
         self.norm1 = norm_layer(dim)
         if self.is_agent:
             self.attn = AgentAttention(
@@ -303,6 +306,7 @@ class AgentSwinStage(nn.Module):
             agent_num: int,
             num_agent_blocks: int,
             window_size: int,
+            always_shift: bool = False,
             mlp_ratio: float = 4.0,
             qkv_bias: bool = True,
             proj_drop: float = 0.0,
@@ -317,9 +321,9 @@ class AgentSwinStage(nn.Module):
         self.blocks = nn.ModuleList([
             AgentSwinBlock(
                 out_dim, num_heads, input_resolution, agent_num=agent_num if i < num_agent_blocks else 0,
-                window_size=window_size, shift=i % 2 == 1, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                proj_drop=proj_drop, attn_drop=attn_drop, drop_path=drop_path[i], act_layer=act_layer,
-                norm_layer=norm_layer)
+                window_size=window_size, shift=i % 2 == 1, always_shift=always_shift, mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias, proj_drop=proj_drop, attn_drop=attn_drop, drop_path=drop_path[i],
+                act_layer=act_layer, norm_layer=norm_layer)
             for i in range(depth)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -362,6 +366,9 @@ class AgentSwinTransformer(nn.Module):
         qkv_bias: Bias in qkv.
         agent_num: Agents per stage.
         attn_type: Per-stage attention string, e.g. 'AAAB', 'AABB', 'AAMB2'.
+        always_shift: Shift every odd window block (``window // 2``), also where the stage map at construction is no
+            larger than the window (the official classification model does not shift there; the official downstream
+            Swin does).
         patch_norm: LayerNorm after the patch embedding.
         drop_rate: Dropout before the head.
         proj_drop_rate: Dropout after projections / MLP.
@@ -387,6 +394,7 @@ class AgentSwinTransformer(nn.Module):
             qkv_bias: bool = True,
             agent_num: Sequence[int] = (9, 16, 49, 49),
             attn_type: str = 'AAAB',
+            always_shift: bool = False,
             patch_norm: bool = True,
             drop_rate: float = 0.0,
             proj_drop_rate: float = 0.0,
@@ -433,8 +441,8 @@ class AgentSwinTransformer(nn.Module):
             stages.append(AgentSwinStage(
                 dims[max(i - 1, 0)], dims[i], res, depths[i], num_heads[i], downsample=i > 0,
                 agent_num=int(agent_num[i]), num_agent_blocks=agent_blocks[i], window_size=self.attn_window_size,
-                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate, attn_drop=attn_drop_rate,
-                drop_path=dpr[i], act_layer=act_layer, norm_layer=norm_layer))
+                always_shift=always_shift, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate, drop_path=dpr[i], act_layer=act_layer, norm_layer=norm_layer))
             self.feature_info.append(dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f'layers.{i}'))
         self.layers = nn.Sequential(*stages)
         self.norm = norm_layer(self.num_features)
