@@ -109,7 +109,8 @@ def no_unpickling(monkeypatch):
     def spy(path, *args, **kwargs):
         calls.append(Path(path).name)
         return real(path, *args, **kwargs)
-    monkeypatch.setattr(vw, 'safe_load', spy)
+    # vitzoo.weights re-exports the builder's functions: patch safe_load where load_checkpoint looks it up
+    monkeypatch.setattr(sys.modules[vw.load_checkpoint.__module__], 'safe_load', spy)
     return calls
 
 
@@ -310,6 +311,22 @@ def test_pickle_that_runs_code_is_refused(zip_format, tmp_path, verified_builder
     with pytest.raises(vw.UnsafeCheckpointError):
         CONVERT.main([model, str(evil), str(tmp_path / 'out'), '--manifest', str(tmp_path / 'absent.json')])
     assert not marker.exists()
+
+
+class _Note:
+    """Plain metadata object (no custom reduce): outside the weights-only allowlist unless a caller adds it."""
+
+    def __init__(self, text):
+        self.text = text
+
+
+def test_safe_load_extra_globals_and_trusted_fallback(tmp_path):
+    path = tmp_path / 'runner.pth'
+    torch.save({'state_dict': {'w': torch.ones(2)}, 'meta': _Note('hi')}, path)
+    with pytest.raises(vw.UnsafeCheckpointError, match=r'_Note'):
+        vw.safe_load(path)
+    for ckpt in (vw.safe_load(path, allow_globals=[_Note]), vw.safe_load(path, trusted=True)):
+        assert ckpt['meta'].text == 'hi' and torch.equal(ckpt['state_dict']['w'], torch.ones(2))
 
 
 def _fake_yacs(monkeypatch):
