@@ -1,7 +1,7 @@
 """Helpers of ``tools/train.py``: safe checkpoints, exact resume, per-method losses.
 
 - Checkpoints hold only tensors and primitives (RNG states are stored as tensors), are written atomically (temporary
-  file in the same folder + ``os.replace``) and load with ``torch.load(..., weights_only=True)``.
+  file in the same folder + ``os.replace``) and load with :func:`vitzoo.weights.safe_load` (weights-only).
 - Exact resume: the sampler's order depends only on ``(seed, epoch)`` and can skip the batches already done; the
   augmentation of a sample is seeded from ``(seed, epoch, index)`` (:class:`SeededDataset`), so neither depends on the
   number of workers or on where a run was interrupted; the global RNGs (dropout, drop-path, mixup) are restored from
@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.data
+
+from vitzoo.weights import safe_load
 
 __all__ = ['TrainError', 'atomic_save', 'load_checkpoint', 'get_rng_state', 'set_rng_state', 'SeededDataset',
            'ResumableSampler', 'ShardSampler', 'method_of', 'TrainWrapper', 'MethodLoss', 'to_primitive', 'logits_of',
@@ -74,12 +76,12 @@ def atomic_save(obj: Dict, path: str) -> None:
 
 
 def load_checkpoint(path: str) -> Dict:
-    """Load a checkpoint with ``weights_only=True`` (no arbitrary unpickling); clear error if missing or unreadable."""
+    """Load a checkpoint with :func:`vitzoo.weights.safe_load` (no code runs); clear error if missing or unreadable."""
     if not os.path.isfile(path):
         raise TrainError(f'checkpoint not found: {path}')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # truncated / foreign files
+        return safe_load(path)
+    except Exception as e:  # truncated / foreign files, pickles that would run code
         raise TrainError(f'cannot read checkpoint {path}: {type(e).__name__}: {e}') from e
 
 
