@@ -50,6 +50,7 @@ from timm.models._features import feature_take_indices
 
 from vitzoo.layers.agent_attention import AgentAttention, resize_bias_1d, split_qkv
 from vitzoo.layers.sdpa import use_sdpa
+from vitzoo.layers.windows import pad_to_windows, padded_key_mask, window_padding, window_partition, window_reverse
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
 from ._helpers import Mlp, check_state_dict, unwrap_state_dict
 
@@ -59,20 +60,6 @@ _logger = logging.getLogger(__name__)
 
 _ROW_COL_BIASES = {'ah_bias': 3, 'aw_bias': 4, 'ha_bias': 2, 'wa_bias': 3}  # name -> spatial axis
 _STEM_STRIDE = 4
-
-
-def _window_partition(x: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
-    """(B, H, W, C) map -> (B * nH * nW, wh * ww, C) windows, row-major inside and across windows."""
-    B, H, W, C = x.shape
-    x = x.reshape(B, H // wh, wh, W // ww, ww, C).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, wh * ww, C)
-
-
-def _window_reverse(x: torch.Tensor, wh: int, ww: int, H: int, W: int) -> torch.Tensor:
-    """Inverse of :func:`_window_partition`: (B * nH * nW, wh * ww, C) -> (B, H, W, C)."""
-    C = x.shape[-1]
-    x = x.reshape(-1, H // wh, W // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, H, W, C)
 
 
 class LePEAttention(nn.Module):
@@ -114,24 +101,9 @@ class LePEAttention(nn.Module):
         self.get_v = nn.Conv2d(dim, dim, kernel_size=3, stride=1, padding=1, groups=dim)
         self.attn_drop = nn.Dropout(attn_drop)
 
-    def _window_geometry(self, h: int, w: int) -> Tuple[int, int, int, int]:
-        """Window (wh, ww) and bottom / right padding (ph, pw) for an (h, w) map."""
-        s = self.split_size
-        if self.idx == -1:
-            return h, w, 0, 0
-        if self.idx == 0:
-            pw = (s - w % s) % s
-            return h, s, 0, pw
-        ph = (s - h % s) % s
-        return s, w, ph, 0
-
-    def _pad_mask(self, h: int, w: int, ph: int, pw: int, wh: int, ww: int, device, dtype) -> torch.Tensor:
-        """Additive key mask (nWin, 1, 1, n): -inf on the zero-padded positions of each window."""
-        valid = torch.zeros(1, h + ph, w + pw, 1, device=device, dtype=torch.bool)
-        valid[:, :h, :w] = True
-        valid = _window_partition(valid, wh, ww)[..., 0]  # nWin, n
-        mask = torch.zeros(valid.shape, device=device, dtype=dtype).masked_fill_(~valid, float('-inf'))
-        return mask[:, None, None, :]
+    def _window(self, h: int, w: int) -> Tuple[int, int]:
+        """Window (wh, ww) for an (h, w) map: the map, a full-height or a full-width stripe."""
+        return (h, w) if self.idx == -1 else (h, self.split_size) if self.idx == 0 else (self.split_size, w)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         """Attend inside the windows of an (h, w) token grid.
@@ -147,13 +119,11 @@ class LePEAttention(nn.Module):
         """
         B, N, C = q.shape
         h, w = hw
-        wh, ww, ph, pw = self._window_geometry(h, w)
+        wh, ww = window = self._window(h, w)
+        ph, pw = window_padding(hw, window)
 
         def to_windows(t: torch.Tensor) -> torch.Tensor:
-            t = t.reshape(B, h, w, C)
-            if ph or pw:
-                t = F.pad(t, (0, 0, 0, pw, 0, ph))
-            return _window_partition(t, wh, ww)
+            return window_partition(pad_to_windows(t.reshape(B, h, w, C), window)[0], window).flatten(0, 1)
 
         q, k, v = to_windows(q), to_windows(k), to_windows(v)
         Bw, n, _ = q.shape
@@ -164,8 +134,10 @@ class LePEAttention(nn.Module):
         v = v.reshape(Bw, n, H, d).transpose(1, 2)
         mask = None
         if ph or pw:
-            mask = self._pad_mask(h, w, ph, pw, wh, ww, q.device, q.dtype)
-            mask = mask.repeat(B, 1, 1, 1)  # windows are batch-major
+            # additive key mask (nWin, 1, 1, n): -inf on the zero-padded positions of each window
+            pad = padded_key_mask(hw, window, device=q.device)
+            mask = torch.zeros(pad.shape, device=q.device, dtype=q.dtype).masked_fill_(pad, float('-inf'))
+            mask = mask[:, None, None, :].repeat(B, 1, 1, 1)  # windows are batch-major
         if self.fused_attn and use_sdpa(q, k, v, mask):
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale)
@@ -176,7 +148,7 @@ class LePEAttention(nn.Module):
             attn = self.attn_drop(attn.softmax(dim=-1))
             x = attn @ v
         x = x.transpose(1, 2).reshape(Bw, n, C) + lepe
-        x = _window_reverse(x, wh, ww, h + ph, w + pw)
+        x = window_reverse(x, window, (h + ph, w + pw))
         if ph or pw:
             x = x[:, :h, :w]
         return x.reshape(B, h * w, C)

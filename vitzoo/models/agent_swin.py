@@ -49,6 +49,7 @@ from timm.models._features import feature_take_indices
 
 from vitzoo.layers.agent_attention import AgentAttention, resize_bias_1d
 from vitzoo.layers.sdpa import use_sdpa
+from vitzoo.layers.windows import pad_to_windows, padded_key_mask, window_padding, window_partition, window_reverse
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
 from ._helpers import Mlp, check_state_dict, unwrap_state_dict
 
@@ -58,22 +59,6 @@ _logger = logging.getLogger(__name__)
 
 _ROW_COL_BIASES = {'ah_bias': 3, 'aw_bias': 4, 'ha_bias': 2, 'wa_bias': 3}  # name -> spatial axis
 _MASK_VALUE = -100.0  # the official Swin mask value
-
-
-def window_partition(x: torch.Tensor, window: Tuple[int, int]) -> torch.Tensor:
-    """(B, H, W, C) -> (B, nW, wh * ww, C), windows row-major."""
-    B, H, W, C = x.shape
-    wh, ww = window
-    x = x.view(B, H // wh, wh, W // ww, ww, C).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(B, (H // wh) * (W // ww), wh * ww, C)
-
-
-def window_reverse(windows: torch.Tensor, window: Tuple[int, int], hw: Tuple[int, int]) -> torch.Tensor:
-    """(B, nW, wh * ww, C) -> (B, H, W, C), the inverse of :func:`window_partition`."""
-    B, _, _, C = windows.shape
-    (wh, ww), (H, W) = window, hw
-    x = windows.view(B, H // wh, W // ww, wh, ww, C).permute(0, 1, 3, 2, 4, 5)
-    return x.reshape(B, H, W, C)
 
 
 def relative_position_index(window_size: int) -> torch.Tensor:
@@ -97,22 +82,18 @@ def window_attn_mask(
         shift: Cyclic shift (sh, sw) applied to the padded map before partitioning.
     """
     (H, W), (wh, ww), (sh, sw) = hw, window, shift
-    Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
-    if not (sh or sw or Hp > H or Wp > W):
+    ph, pw = window_padding(hw, window)
+    if not (sh or sw or ph or pw):
         return None
-    regions = torch.zeros(1, Hp, Wp, 1)
+    regions = torch.zeros(1, H + ph, W + pw, 1)
     cnt = 0
     # the shifted map wraps around at its bottom/right: tokens from both sides of the seam must not attend
     for hs in ((slice(0, -wh), slice(-wh, -sh), slice(-sh, None)) if sh else (slice(None),)):
         for ws in ((slice(0, -ww), slice(-ww, -sw), slice(-sw, None)) if sw else (slice(None),)):
             regions[:, hs, ws, :] = cnt
             cnt += 1
-    pad = torch.zeros(1, Hp, Wp, 1)
-    pad[:, H:] = 1.0
-    pad[:, :, W:] = 1.0
-    pad = torch.roll(pad, shifts=(-sh, -sw), dims=(1, 2))
     regions = window_partition(regions, window)[0, ..., 0]  # nW, N
-    pad = window_partition(pad, window)[0, ..., 0] > 0
+    pad = padded_key_mask(hw, window, shift)
     masked = (regions[:, None, :] != regions[:, :, None]) | pad[:, None, :]
     return torch.zeros(masked.shape).masked_fill(masked, _MASK_VALUE)
 
@@ -243,9 +224,7 @@ class AgentSwinBlock(nn.Module):
     def _window_attn(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
         window, (sh, sw) = self._window_shift(H, W)
-        ph, pw = (-H) % window[0], (-W) % window[1]
-        if ph or pw:
-            x = F.pad(x, (0, 0, 0, pw, 0, ph))
+        x, (ph, pw) = pad_to_windows(x, window)
         if sh or sw:
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
         if (H, W) == self.input_resolution:
