@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['dilated_avg_pool', 'DilatedAvgPooling', 'DilationPredictor', 'token_aware_pool', 'TokenAwarePooling']
+__all__ = ['dilated_avg_pool', 'DilatedAvgPooling', 'DilationPredictor', 'token_aware_pool', 'TokenPoolingMixin',
+           'TokenAwarePooling']
 
 
 def dilated_avg_pool(x: torch.Tensor, dilation: int) -> torch.Tensor:
@@ -116,11 +117,45 @@ def token_aware_pool(
     return out.flatten(2).transpose(1, 2), weights
 
 
-class TokenAwarePooling(nn.Module):
+class TokenPoolingMixin:
+    """TAP wiring for a module that pools its own tokens: ``token_pools`` / ``dilation_predictor`` children, the scale
+    weights of the last call in ``pred_scale``.
+
+    The TAP-FAN / TAP-RVT blocks mix this in so their TAP keys stay the official ones
+    (``blocks.{i}.dilation_predictor.*``, next to the block's attention); :class:`TokenAwarePooling` is the same
+    wiring as a standalone module.
+    """
+
+    def init_token_pooling(self, dim: int, num_scales: int, temperature: float = 1.0) -> None:
+        """Create the TAP children (dilations 0 .. K-1); ``num_scales=0`` creates none (TAP off, no keys).
+
+        Args:
+            dim: Token channels.
+            num_scales: Number of scales K (0: off).
+            temperature: Softmax temperature of the predictor.
+        """
+        if num_scales < 0:
+            raise ValueError(f'num_scales must be >= 0, got {num_scales}')
+        self.num_scales = num_scales
+        if num_scales > 0:
+            self.token_pools = nn.ModuleList([DilatedAvgPooling(i) for i in range(num_scales)])
+            self.dilation_predictor = DilationPredictor(dim, num_scales, temperature)
+        self.pred_scale: Optional[torch.Tensor] = None
+
+    def token_pool(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+        """TAP of (B, N, C) tokens of the ``hw`` grid (``x`` itself when TAP is off)."""
+        if self.num_scales == 0:
+            return x
+        x, w = token_aware_pool(x, hw, self.dilation_predictor, [p.dilation for p in self.token_pools])
+        self.pred_scale = w.detach()  # for visualisation, like the original (which keeps it as (B, 1, H, W, K))
+        return x
+
+
+class TokenAwarePooling(TokenPoolingMixin, nn.Module):
     """TAP as a standalone module: (B, N, C) tokens of an H x W grid -> pooled (B, N, C) tokens.
 
-    The vitzoo TAP blocks hold ``token_pools`` / ``dilation_predictor`` themselves (the official state-dict keys) and
-    call :func:`token_aware_pool`; this module is the same computation for use in other networks.
+    The vitzoo TAP blocks hold ``token_pools`` / ``dilation_predictor`` themselves (the official state-dict keys)
+    through :class:`TokenPoolingMixin`; this module is the same computation for use in other networks.
 
     Args:
         dim: Token channels.
@@ -132,12 +167,7 @@ class TokenAwarePooling(nn.Module):
         super().__init__()
         if num_scales < 1:
             raise ValueError(f'num_scales must be >= 1, got {num_scales}')
-        self.num_scales = num_scales
-        self.token_pools = nn.ModuleList([DilatedAvgPooling(i) for i in range(num_scales)])
-        self.dilation_predictor = DilationPredictor(dim, num_scales, temperature)
-        self.pred_scale: Optional[torch.Tensor] = None
+        self.init_token_pooling(dim, num_scales, temperature)
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        x, w = token_aware_pool(x, hw, self.dilation_predictor, [p.dilation for p in self.token_pools])
-        self.pred_scale = w.detach()  # for visualisation, like the original (which keeps it as (B, 1, H, W, K))
-        return x
+        return self.token_pool(x, hw)

@@ -14,8 +14,10 @@ repository's checkpoints). Parameter names follow the official TAP-FAN checkpoin
 :func:`checkpoint_filter_fn`.
 
 Attention maps for ADL (:mod:`vitzoo.losses.adl`): ``model(x, return_attn=True)`` returns ``(logits, attn)`` with one
-post-softmax (B, heads, N, N) map per FAN block (class-attention blocks excluded). Only then is the attention
-materialised; otherwise the blocks use fused ``scaled_dot_product_attention``.
+post-softmax (B, heads, N, N) map per FAN block (class-attention blocks excluded); inside
+``with model.record_attention():`` any forward keeps them for ``model.pop_attention()`` (the TAP-FAN segmentation
+backbone's switch). Only then is the attention materialised; otherwise the blocks use fused
+``scaled_dot_product_attention``.
 
 Beyond the original: any input resolution that is a multiple of 16, square or not (the position encoding is computed
 for the actual grid; the original TAP reshape assumes a square grid), fused attention, ``features_only``, grad
@@ -42,14 +44,14 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_, use_fused_attn
 from timm.models import checkpoint, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from timm.models.convnext import ConvNeXtStage
 from timm.models.xcit import ClassAttentionBlock, PositionalEncodingFourier
 
 from vitzoo.layers.sdpa import use_sdpa
-from vitzoo.layers.token_pooling import DilatedAvgPooling, DilationPredictor, token_aware_pool
+from vitzoo.layers.token_pooling import TokenPoolingMixin
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
 from ._helpers import finish_tap_state_dict, unwrap_state_dict
+from ._tap import TapTransformer
 
 __all__ = ['FAN']
 
@@ -192,7 +194,7 @@ class OverlapPatchEmbed(nn.Module):
         return self.norm(x.flatten(2).transpose(1, 2))
 
 
-class FANBlock(nn.Module):
+class FANBlock(TokenPoolingMixin, nn.Module):
     """FAN block (token mixing + channel processing), with TAP on the attention input when ``num_scales > 0``.
 
     TAP (original ``TAPFANBlock``): the scale weights are predicted from the raw tokens, the attention reads
@@ -229,11 +231,7 @@ class FANBlock(nn.Module):
         self.gamma1 = nn.Parameter(eta * torch.ones(dim))
         self.gamma2 = nn.Parameter(eta * torch.ones(dim))
         self.downsample = OverlapPatchEmbed(dim, out_dim) if out_dim is not None and out_dim != dim else None
-        self.num_scales = num_scales
-        if num_scales > 0:
-            self.token_pools = nn.ModuleList([DilatedAvgPooling(i) for i in range(num_scales)])
-            self.dilation_predictor = DilationPredictor(dim, num_scales)
-        self.pred_scale: Optional[torch.Tensor] = None
+        self.init_token_pooling(dim, num_scales)
 
     def forward(
             self,
@@ -241,11 +239,7 @@ class FANBlock(nn.Module):
             hw: Tuple[int, int],
             return_attn: bool = False,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        y = x
-        if self.num_scales > 0:
-            y, w = token_aware_pool(x, hw, self.dilation_predictor, [p.dilation for p in self.token_pools])
-            self.pred_scale = w.detach()  # (B, K, H, W), kept for visualisation like the original
-        y, attn = self.attn(self.norm1(y), return_attn)
+        y, attn = self.attn(self.norm1(self.token_pool(x, hw)), return_attn)
         x = x + self.drop_path(self.gamma1 * y)
         x = x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x), hw))
         if self.downsample is not None:
@@ -334,11 +328,18 @@ class HybridEmbed(nn.Module):
         self.backbone = backbone
         self.proj = nn.Conv2d(backbone.num_features, embed_dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.backbone(x))
+    def forward(self, x: torch.Tensor, stage_maps: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+        """Tokens as a (B, C, h, w) map; the ConvNeXt stage maps are appended to ``stage_maps`` if given."""
+        if stage_maps is None:
+            return self.proj(self.backbone(x))
+        x = self.backbone.stem(x)
+        for stage in self.backbone.stages:
+            x = stage(x)
+            stage_maps.append(x)
+        return self.proj(x)
 
 
-class FAN(nn.Module):
+class FAN(TapTransformer):
     """FAN (ViT-style conv stem or ConvNeXt hybrid), with TAP in every FAN block when ``num_scales > 0``.
 
     Args:
@@ -371,6 +372,8 @@ class FAN(nn.Module):
         norm_layer: Norm (default LayerNorm eps 1e-6).
         act_layer: Activation.
     """
+
+    global_pools = ('token', 'avg', '')
 
     def __init__(
             self,
@@ -405,8 +408,7 @@ class FAN(nn.Module):
             **kwargs,
     ):
         super().__init__()
-        if global_pool not in ('token', 'avg', ''):
-            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        self._check_global_pool(global_pool)
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
         act_layer = act_layer or nn.GELU
         num_heads = [num_heads] * depth if isinstance(num_heads, int) else list(num_heads)
@@ -487,50 +489,41 @@ class FAN(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
+        super().set_grad_checkpointing(enable)
         for m in self.patch_embed.modules():
             if isinstance(m, ConvNeXtStage):
                 m.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ('token', 'avg', ''):
-                raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    def _embed(self, x: torch.Tensor,
+               stem_maps: Optional[List[torch.Tensor]] = None) -> Tuple[torch.Tensor, Tuple[int, int]]:
         H, W = x.shape[-2:]
         p = self.patch_size
         if H % p or W % p:
             raise ValueError(f'{type(self).__name__}: input size {H}x{W} is not a multiple of the patch size {p}')
-        x = self.patch_embed(x)
+        if stem_maps is not None:
+            if not isinstance(self.patch_embed, HybridEmbed):
+                raise ValueError(f'{type(self).__name__}: stem maps need a hybrid (ConvNeXt stem) FAN')
+            x = self.patch_embed(x, stem_maps)
+        else:
+            x = self.patch_embed(x)
         B, C, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)
         if self.pos_embed is not None:
             x = x + self.pos_embed(B, h, w).flatten(2).transpose(1, 2)
         return self.pos_drop(x), (h, w)
 
-    def _run_block(self, blk: FANBlock, x: torch.Tensor, hw: Tuple[int, int],
-                   return_attn: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor], Tuple[int, int]]:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x, attn = checkpoint(blk, x, hw, return_attn)
-        else:
-            x, attn = blk(x, hw, return_attn)
-        if blk.downsample is not None:
-            hw = ((hw[0] + 1) // 2, (hw[1] + 1) // 2)
-        return x, attn, hw
+    def _block_grid(self, blk: FANBlock, hw: Tuple[int, int]) -> Tuple[int, int]:
+        return ((hw[0] + 1) // 2, (hw[1] + 1) // 2) if blk.downsample is not None else hw
 
-    def _head_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def _cls_attn(self, x: torch.Tensor) -> torch.Tensor:
+        """The class token prepended to the patch tokens, through the class-attention blocks (no final norm)."""
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         for blk in self.cls_attn_blocks:
             x = checkpoint(blk, x) if self.grad_checkpointing and not torch.jit.is_scripting() else blk(x)
-        return self.norm(x)
+        return x
+
+    def _final(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self._cls_attn(x))
 
     def forward_intermediates(
             self,
@@ -540,33 +533,37 @@ class FAN(nn.Module):
             stop_early: bool = False,
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
+            stem: bool = False,
+            cls_attn: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Features of selected FAN blocks as (B, C, h, w) maps (or (B, N, C) tokens with ``output_fmt='NLC'``).
+
+        The dense (segmentation) outputs of the official TAP-FAN backbone come from ``stem`` (maps at strides 4 and
+        8), ``indices`` (a block's map) and ``cls_attn``; ``with model.record_attention():`` also keeps every run
+        block's attention map (see :class:`~vitzoo.models._tap.TapTransformer`).
 
         Args:
             x: Input images.
             indices: Take the last n blocks if an int, these blocks if a list, all if None.
             norm: Apply the final norm to each intermediate of the final width.
-            stop_early: Stop after the last selected block.
+            stop_early: Stop after the last selected block (not with ``cls_attn``, which needs every block).
             output_fmt: 'NCHW' or 'NLC'.
             intermediates_only: Return only the intermediates.
+            stem: Put the hybrid stem's ConvNeXt stage maps (always (B, C, H, W)) first in the intermediates.
+            cls_attn: Append the patch tokens after the class-attention blocks (class token prepended to the last
+                block's tokens, then removed), before the final norm unless ``norm``, at the last block's grid.
         """
-        if output_fmt not in ('NCHW', 'NLC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x, hw = self._embed(x)
-        blocks = self.blocks if not stop_early else self.blocks[:max_index + 1]
-        intermediates = []
-        for i, blk in enumerate(blocks):
-            x, _, hw = self._run_block(blk, x, hw, False)
-            if i in take_indices:
-                y = self.norm(x) if norm and x.shape[-1] == self.num_features else x
-                if output_fmt == 'NCHW':
-                    y = y.transpose(1, 2).reshape(x.shape[0], -1, hw[0], hw[1])
-                intermediates.append(y)
+        take_indices, last = self._take_indices(indices, stop_early and not cls_attn, output_fmt)
+        intermediates: List[torch.Tensor] = []
+        x, hw = self._embed(x, intermediates if stem else None)
+        x, hw, taken, _ = self._run_blocks(x, hw, take_indices=take_indices, last=last)
+        intermediates += [self._format(y, grid, norm, output_fmt) for y, grid in taken]
+        if cls_attn:
+            t = self._cls_attn(x)
+            intermediates.append(self._format(t[:, self.num_prefix_tokens:], hw, norm, output_fmt))
         if intermediates_only:
             return intermediates
-        return self._head_tokens(x), intermediates
+        return (self.norm(t) if cls_attn else self._final(x)), intermediates
 
     def prune_intermediate_layers(
             self,
@@ -575,25 +572,10 @@ class FAN(nn.Module):
             prune_head: bool = True,
     ) -> List[int]:
         """Drop the blocks after the last of ``indices`` (and the class-attention head); returns the kept indices."""
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
+        take_indices = super().prune_intermediate_layers(indices, prune_norm, prune_head)
         if prune_head:
             self.cls_attn_blocks = nn.ModuleList()
-            self.reset_classifier(0, '')
         return take_indices
-
-    def forward_features(self, x: torch.Tensor, return_attn: bool = False):
-        """(B, 1 + N, C) normalised tokens (class token first); with ``return_attn`` also the list of FAN maps."""
-        x, hw = self._embed(x)
-        attns = []
-        for blk in self.blocks:
-            x, attn, hw = self._run_block(blk, x, hw, return_attn)
-            if return_attn:
-                attns.append(attn)
-        x = self._head_tokens(x)
-        return (x, attns) if return_attn else x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == 'token':
@@ -602,13 +584,6 @@ class FAN(nn.Module):
             x = x[:, self.num_prefix_tokens:].mean(dim=1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor, return_attn: bool = False):
-        """Logits; with ``return_attn=True`` ``(logits, attn)``, attn = one (B, heads, N, N) map per FAN block."""
-        if return_attn:
-            x, attns = self.forward_features(x, return_attn=True)
-            return self.forward_head(x), attns
-        return self.forward_head(self.forward_features(x))
 
 
 def checkpoint_filter_fn(state_dict: Dict, model: FAN) -> Dict[str, torch.Tensor]:

@@ -36,13 +36,13 @@ import torch.nn.functional as F
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, to_2tuple, trunc_normal_, use_fused_attn
-from timm.models import checkpoint, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.models import generate_default_cfgs, register_model
 
 from vitzoo.layers.sdpa import use_sdpa
-from vitzoo.layers.token_pooling import DilatedAvgPooling, DilationPredictor, token_aware_pool
+from vitzoo.layers.token_pooling import TokenPoolingMixin
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
 from ._helpers import CheckpointError, finish_tap_state_dict, sizes_match, unwrap_state_dict
+from ._tap import TapTransformer
 
 __all__ = ['RVT']
 
@@ -129,7 +129,7 @@ class ConvMlp(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
 
-class Block(nn.Module):
+class Block(TokenPoolingMixin, nn.Module):
     """RVT block, with TAP on the attention input when ``num_scales > 0`` (residual on the unpooled tokens)."""
 
     def __init__(
@@ -154,19 +154,11 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self.num_scales = num_scales
-        if num_scales > 0:
-            self.token_pools = nn.ModuleList([DilatedAvgPooling(i) for i in range(num_scales)])
-            self.dilation_predictor = DilationPredictor(dim, num_scales)
-        self.pred_scale: Optional[torch.Tensor] = None
+        self.init_token_pooling(dim, num_scales)
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int],
                 return_attn: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        y = x
-        if self.num_scales > 0:
-            y, w = token_aware_pool(x, hw, self.dilation_predictor, [p.dilation for p in self.token_pools])
-            self.pred_scale = w.detach()  # (B, K, H, W), kept for visualisation like the original
-        y, attn = self.attn(self.norm1(y), hw, return_attn)
+        y, attn = self.attn(self.norm1(self.token_pool(x, hw)), hw, return_attn)
         x = x + self.drop_path(y)
         x = x + self.drop_path(self.mlp(self.norm2(x), hw))
         return x, attn
@@ -209,7 +201,7 @@ class HeadPooling(nn.Module):
         return x.flatten(2).transpose(1, 2), (x.shape[2], x.shape[3])
 
 
-class RVT(nn.Module):
+class RVT(TapTransformer):
     """RVT (the official ``PoolingTransformer``), with TAP in every block when ``num_scales > 0``.
 
     Args:
@@ -258,8 +250,7 @@ class RVT(nn.Module):
             **kwargs,
     ):
         super().__init__()
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        self._check_global_pool(global_pool)
         if not len(base_dims) == len(depth) == len(heads):
             raise ValueError('base_dims, depth and heads need one entry per stage')
         if use_mask and masked_block is None:
@@ -318,22 +309,6 @@ class RVT(nn.Module):
         return dict(stem=r'^patch_embed', blocks=[(r'^blocks\.(\d+)', None), (r'^pools\.(\d+)', None),
                                                   (r'^norm', (99999,))])
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ('avg', ''):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
         H, W = x.shape[-2:]
         if min(self.patch_embed.grid((H, W))) < 1:
@@ -343,57 +318,11 @@ class RVT(nn.Module):
         hw = (x.shape[2], x.shape[3])
         return self.pos_drop(x.flatten(2).transpose(1, 2)), hw
 
-    def _run_blocks(self, x: torch.Tensor, hw: Tuple[int, int], return_attn: bool, take: Sequence[int] = (),
-                    stop: Optional[int] = None):
-        attns, feats = [], []
-        last = len(self.blocks) - 1 if stop is None else stop
-        for i, blk in enumerate(self.blocks[:last + 1]):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x, attn = checkpoint(blk, x, hw, return_attn)
-            else:
-                x, attn = blk(x, hw, return_attn)
-            if return_attn:
-                attns.append(attn)
-            if i in take:
-                feats.append((x, hw))
-            if i in self.stage_ends and self.stage_ends.index(i) < len(self.pools) and i < len(self.blocks) - 1:
-                x, hw = self.pools[self.stage_ends.index(i)](x, hw)
-        return x, hw, attns, feats
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Features of selected blocks as (B, C, h, w) maps (or (B, N, C) tokens with ``output_fmt='NLC'``).
-
-        Args:
-            x: Input images.
-            indices: Take the last n blocks if an int, these blocks if a list, all if None.
-            norm: Apply the (post-pool) norm to each intermediate of the final width.
-            stop_early: Stop after the last selected block.
-            output_fmt: 'NCHW' or 'NLC'.
-            intermediates_only: Return only the intermediates.
-        """
-        if output_fmt not in ('NCHW', 'NLC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x, hw = self._embed(x)
-        x, hw, _, feats = self._run_blocks(x, hw, False, take_indices, max_index if stop_early else None)
-        intermediates = []
-        for y, (h, w) in feats:
-            if norm and y.shape[-1] == self.num_features:
-                y = self.norm(y)
-            if output_fmt == 'NCHW':
-                y = y.transpose(1, 2).reshape(y.shape[0], -1, h, w)
-            intermediates.append(y)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
+    def _after_block(self, index: int, x: torch.Tensor, hw: Tuple[int, int]) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        # stage pooling after a stage's last block (not after the model's last block)
+        if index in self.stage_ends and self.stage_ends.index(index) < len(self.pools) and index < len(self.blocks) - 1:
+            x, hw = self.pools[self.stage_ends.index(index)](x, hw)
+        return x, hw
 
     def prune_intermediate_layers(
             self,
@@ -402,34 +331,17 @@ class RVT(nn.Module):
             prune_head: bool = True,
     ) -> List[int]:
         """Drop the blocks (and stage pools) after the last of ``indices``; returns the kept indices."""
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[:max_index + 1]
+        take_indices = super().prune_intermediate_layers(indices, prune_norm, prune_head)
+        max_index = len(self.blocks) - 1
         self.stage_ends = [e for e in self.stage_ends if e < max_index] + [max_index]
         self.pools = self.pools[:len(self.stage_ends) - 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
         return take_indices
-
-    def forward_features(self, x: torch.Tensor, return_attn: bool = False):
-        """(B, N, C) tokens of the last stage (before the norm, which follows pooling); optionally the maps too."""
-        x, hw = self._embed(x)
-        x, _, attns, _ = self._run_blocks(x, hw, return_attn)
-        return (x, attns) if return_attn else x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == 'avg':
             x = x.mean(dim=1)
         x = self.head_drop(self.norm(x))
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor, return_attn: bool = False):
-        """Logits; with ``return_attn=True`` ``(logits, attn)``, attn = one (B, heads, N, N) map per block."""
-        if return_attn:
-            x, attns = self.forward_features(x, return_attn=True)
-            return self.forward_head(x), attns
-        return self.forward_head(self.forward_features(x))
 
 
 def checkpoint_filter_fn(state_dict: Dict, model: RVT) -> Dict[str, torch.Tensor]:

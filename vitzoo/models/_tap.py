@@ -1,0 +1,194 @@
+"""Shared shell of the TAP families (FAN, RVT): one block loop, attention maps for ADL, the timm interface."""
+import contextlib
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.models import checkpoint
+from timm.models._features import feature_take_indices
+
+__all__ = ['TapTransformer']
+
+Grid = Tuple[int, int]
+
+
+class TapTransformer(nn.Module):
+    """Base of :class:`~vitzoo.models.fan.FAN` and :class:`~vitzoo.models.rvt.RVT`.
+
+    Blocks are called ``blk(x, hw, return_attn) -> (x, attn)`` on (B, N, C) tokens of the ``hw`` grid. Subclasses
+    build ``blocks``, ``norm``, ``head``, set ``num_features`` / ``num_classes`` / ``global_pool`` /
+    ``grad_checkpointing`` and implement ``_embed`` (images -> tokens, grid) and ``forward_head``; the hooks
+    ``_block_grid`` (grid of a block's output), ``_after_block`` (a transition between blocks) and ``_final`` (last
+    block's tokens -> ``forward_features`` output) default to nothing.
+
+    Attention maps for ADL (:mod:`vitzoo.losses.adl`): ``model(x, return_attn=True)`` returns ``(logits, attn)``, one
+    post-softmax (B, heads, N, N) map per block. Inside ``with model.record_attention():`` every forward (also
+    ``forward_intermediates``) keeps the map of each block it runs, for :meth:`pop_attention`. Only then is the
+    attention materialised; otherwise the blocks may use fused attention.
+    """
+
+    global_pools: Tuple[str, ...] = ('avg', '')
+
+    def __init__(self):
+        super().__init__()
+        self._recording = False
+        self._recorded: Optional[List[torch.Tensor]] = None
+
+    # subclass hooks
+    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid]:
+        raise NotImplementedError
+
+    def _block_grid(self, blk: nn.Module, hw: Grid) -> Grid:
+        return hw
+
+    def _after_block(self, index: int, x: torch.Tensor, hw: Grid) -> Tuple[torch.Tensor, Grid]:
+        return x, hw
+
+    def _final(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    # attention recording
+    @contextlib.contextmanager
+    def record_attention(self) -> Iterator[None]:
+        """While active, each forward keeps every block's attention map for :meth:`pop_attention`."""
+        previous, self._recording = self._recording, True
+        try:
+            yield
+        finally:
+            self._recording = previous
+
+    @property
+    def recording_attention(self) -> bool:
+        """True inside :meth:`record_attention`."""
+        return self._recording
+
+    def pop_attention(self) -> List[torch.Tensor]:
+        """The attention maps (one (B, heads, N, N) per block run) of the last recorded forward; clears them."""
+        attn, self._recorded = self._recorded, None
+        if attn is None:
+            raise RuntimeError(f'{type(self).__name__}.pop_attention: no forward ran inside record_attention()')
+        return attn
+
+    # the one block loop
+    def _run_blocks(
+            self,
+            x: torch.Tensor,
+            hw: Grid,
+            return_attn: bool = False,
+            take_indices: Sequence[int] = (),
+            last: Optional[int] = None,
+    ) -> Tuple[torch.Tensor, Grid, List[Tuple[torch.Tensor, Grid]], List[torch.Tensor]]:
+        """Run blocks 0..``last`` (default all): final tokens and grid, the (tokens, grid) after each block in
+        ``take_indices``, and each block's attention map (with ``return_attn`` or while recording)."""
+        record = return_attn or self._recording
+        attns, taken = [], []
+        last = len(self.blocks) - 1 if last is None else last
+        for i, blk in enumerate(self.blocks[:last + 1]):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x, attn = checkpoint(blk, x, hw, record)
+            else:
+                x, attn = blk(x, hw, record)
+            hw = self._block_grid(blk, hw)
+            if record:
+                attns.append(attn)
+            if i in take_indices:
+                taken.append((x, hw))
+            x, hw = self._after_block(i, x, hw)
+        if self._recording:
+            self._recorded = attns
+        return x, hw, taken, attns
+
+    def _take_indices(self, indices: Optional[Union[int, List[int]]], stop_early: bool,
+                      output_fmt: str) -> Tuple[List[int], Optional[int]]:
+        if output_fmt not in ('NCHW', 'NLC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        return take_indices, max_index if stop_early else None
+
+    def _format(self, y: torch.Tensor, hw: Grid, norm: bool, output_fmt: str) -> torch.Tensor:
+        """Tokens as an intermediate: the final norm if asked (and of the final width), (B, C, h, w) for 'NCHW'."""
+        if norm and y.shape[-1] == self.num_features:
+            y = self.norm(y)
+        if output_fmt == 'NCHW':
+            y = y.transpose(1, 2).reshape(y.shape[0], -1, hw[0], hw[1])
+        return y
+
+    # timm interface
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Features of selected blocks as (B, C, h, w) maps (or (B, N, C) tokens with ``output_fmt='NLC'``).
+
+        Args:
+            x: Input images.
+            indices: Take the last n blocks if an int, these blocks if a list, all if None.
+            norm: Apply the final norm to each intermediate of the final width.
+            stop_early: Stop after the last selected block.
+            output_fmt: 'NCHW' or 'NLC'.
+            intermediates_only: Return only the intermediates.
+        """
+        take_indices, last = self._take_indices(indices, stop_early, output_fmt)
+        x, hw = self._embed(x)
+        x, hw, taken, _ = self._run_blocks(x, hw, take_indices=take_indices, last=last)
+        intermediates = [self._format(y, grid, norm, output_fmt) for y, grid in taken]
+        if intermediates_only:
+            return intermediates
+        return self._final(x), intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the blocks after the last of ``indices`` (and norm / classifier if asked); returns the kept indices."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor, return_attn: bool = False):
+        """``forward_features`` output (family specific); with ``return_attn`` also the list of block maps."""
+        x, hw = self._embed(x)
+        x, _, _, attns = self._run_blocks(x, hw, return_attn)
+        x = self._final(x)
+        return (x, attns) if return_attn else x
+
+    def forward(self, x: torch.Tensor, return_attn: bool = False):
+        """Logits; with ``return_attn=True`` ``(logits, attn)``, attn = one (B, heads, N, N) map per block."""
+        if return_attn:
+            x, attns = self.forward_features(x, return_attn=True)
+            return self.forward_head(x), attns
+        return self.forward_head(self.forward_features(x))
+
+    def _check_global_pool(self, global_pool: str) -> None:
+        if global_pool not in self.global_pools:
+            names = ', '.join(repr(p) for p in self.global_pools[:-1]) + f' or {self.global_pools[-1]!r}'
+            raise ValueError(f'global_pool must be {names}, got {global_pool!r}')
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self._check_global_pool(global_pool)
+            self.global_pool = global_pool
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
