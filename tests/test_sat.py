@@ -1,4 +1,6 @@
 """SAT: parity with the official implementation (logits, map, loss terms, boxes, IoUs), checkpoints, resolutions."""
+import sys
+
 import numpy as np
 import pytest
 import timm
@@ -283,7 +285,8 @@ def test_deit_init_tag_loads_the_hub_deit_checkpoint(tmp_path, monkeypatch):
     def fake_hub(hub_id, filename, key, entry, cache_dir):  # no network here: serve the file the hub would
         fetched.append((hub_id, key))
         return tmp_path / 'model.safetensors', set()
-    monkeypatch.setattr(vw, '_fetch_hub', fake_hub)
+    # the hub download sits next to the builder (a private module: reached through the public function's module)
+    monkeypatch.setattr(sys.modules[vw.build_model_with_cfg.__module__], '_fetch_hub', fake_hub)
     torch.manual_seed(1)
     model = timm.create_model('sat_deit_small.fb_in1k', pretrained=True, num_classes=200, drop_path_rate=0.1)
     assert fetched == [('timm/deit_small_patch16_224.fb_in1k', 'sat_deit_small.fb_in1k')]

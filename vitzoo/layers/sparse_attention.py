@@ -214,6 +214,28 @@ class ConnectivityPredictor(nn.Module):
         self.proj_c_q = nn.Linear(head_dim, self.reduced_c)
         self.proj_c_k = nn.Linear(head_dim, self.reduced_c)
 
+    def adapt_state_dict(self, state_dict: Dict[str, torch.Tensor], prefix: str = '') -> None:
+        """Fit this predictor's token projections of a checkpoint (keys under ``prefix``) to its grid, in place.
+
+        Projections made for another square grid (prefix + g * g rows, same rank) are resized as at run time
+        (:func:`resize_token_projection`; ``proj_n`` rescaled). Tensors that differ otherwise are left as they are, for
+        the model's key check to report.
+
+        Args:
+            state_dict: Checkpoint with the model's key names (changed in place).
+            prefix: This module's name in the model, with a trailing dot.
+        """
+        npt = self.num_prefix_tokens
+        for name in ('proj_n', 'proj_back_n'):
+            v = state_dict.get(prefix + name)
+            own = getattr(self, name).shape
+            if v is None or v.ndim != 2 or v.shape == own or v.shape[1] != own[1]:
+                continue
+            old = int(round((v.shape[0] - npt) ** 0.5))
+            if npt + old * old == v.shape[0]:
+                state_dict[prefix + name] = resize_token_projection(
+                    v, self.grid_size, (old, old), npt, rescale=name == 'proj_n')
+
     def token_projections(
             self,
             grid: Tuple[int, int],

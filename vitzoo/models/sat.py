@@ -34,28 +34,28 @@ Changes from the original (fixes of its known limits, see the vitzoo SAT spec):
 Written for vitzoo.
 """
 import logging
-from functools import partial
-from typing import Callable, Dict, List, Optional, Set, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, PatchEmbed, resample_abs_pos_embed, trunc_normal_, use_fused_attn
-from timm.models import checkpoint, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import use_fused_attn
+from timm.models import generate_default_cfgs, register_model
 
 from vitzoo.layers.spatial_token import SpatialTokenAttention, fuse_spatial_masks
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
-from ._helpers import Mlp, check_state_dict, embed_patches, unwrap_state_dict
+from ._helpers import check_state_dict, embed_patches, unwrap_state_dict
+from ._vit import BlockState, DeiTShell, PreNormBlock, adapt_embeddings
 
 __all__ = ['SATVisionTransformer']
 
 _logger = logging.getLogger(__name__)
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block whose attention also yields the spatial token's mask."""
+class Block(PreNormBlock):
+    """Pre-norm transformer block whose attention also yields the spatial token's mask: returns ``(x, mask)``."""
 
     def __init__(
             self,
@@ -70,228 +70,87 @@ class Block(nn.Module):
             norm_layer: Callable = nn.LayerNorm,
             spatial_aware: bool = False,
     ):
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = SpatialTokenAttention(
+        attn = SpatialTokenAttention(
             dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
             spatial_aware=spatial_aware, fused_attn=use_fused_attn())
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        super().__init__(dim, attn, mlp_ratio, proj_drop, drop_path, act_layer, norm_layer)
 
     @property
     def spatial_aware(self) -> bool:
         return self.attn.spatial_aware
 
-    def forward(self, x: torch.Tensor, need_mask: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        y, mask = self.attn(self.norm1(x), need_mask=need_mask)
-        x = x + self.drop_path1(y)
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return x, mask
+
+@dataclass
+class _SATState(BlockState):
+    need_mask: bool = False  # every block's mask, not only the spatial-aware blocks'
+    masks: List[Optional[torch.Tensor]] = field(default_factory=list)  # per block (B, N), None where not computed
 
 
-class SATVisionTransformer(nn.Module):
+class SATVisionTransformer(DeiTShell):
     """DeiT with a spatial-aware token (SAT) and a 3x3 conv classification head.
 
-    ``forward`` returns logits (timm convention); :meth:`forward_loc` returns ``(logits, loc_map)``.
-    ``forward_features`` returns the normalised patch tokens as a (B, C, h, w) map (the conv head's input).
+    The token sequence is ``[cls, patches, loc]``. ``forward`` returns logits (timm convention); :meth:`forward_loc`
+    returns ``(logits, loc_map)``. ``forward_features`` returns the normalised patch tokens as a (B, C, h, w) map (the
+    conv head's input).
 
     Args:
-        img_size: Construction resolution (sets the position table; other resolutions run too).
-        patch_size: Patch size.
-        in_chans: Input channels.
-        num_classes: Classes (0 = no head).
         global_pool: 'avg' (mean of the head's class maps, as the original) or '' (return the class maps).
-        embed_dim: Width.
         depth: Blocks.
-        num_heads: Heads.
-        mlp_ratio: MLP expansion.
-        qkv_bias: Bias in qkv.
         num_spatial_blocks: The last blocks gate their attention by the spatial mask; their masks form the map.
-        drop_rate: Dropout before the head.
-        pos_drop_rate: Dropout after adding the position embedding.
-        proj_drop_rate: Dropout after projections / MLP.
-        attn_drop_rate: Attention dropout.
-        drop_path_rate: Stochastic depth (linear rule).
-        norm_layer: Norm (default LayerNorm eps 1e-6).
-        act_layer: MLP activation.
+        kwargs: The ViT arguments of :class:`~vitzoo.models._vit.DeiTShell` (``img_size`` sets the position table;
+            other resolutions run too), e.g. ``embed_dim``, ``num_heads``, ``drop_path_rate``.
     """
+
+    global_pools = ('avg', '')
+    state_cls = _SATState
 
     def __init__(
             self,
-            img_size: Union[int, Tuple[int, int]] = 224,
-            patch_size: int = 16,
-            in_chans: int = 3,
-            num_classes: int = 1000,
+            *,
             global_pool: str = 'avg',
-            embed_dim: int = 768,
             depth: int = 12,
-            num_heads: int = 12,
-            mlp_ratio: float = 4.0,
-            qkv_bias: bool = True,
             num_spatial_blocks: int = 3,
-            drop_rate: float = 0.0,
-            pos_drop_rate: float = 0.0,
-            proj_drop_rate: float = 0.0,
-            attn_drop_rate: float = 0.0,
-            drop_path_rate: float = 0.0,
-            norm_layer: Optional[Callable] = None,
-            act_layer: Optional[Callable] = None,
             **kwargs,
     ):
-        super().__init__()
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        self._check_global_pool(global_pool)
         if not 1 <= num_spatial_blocks <= depth:
             raise ValueError(f'num_spatial_blocks must be in [1, depth={depth}], got {num_spatial_blocks}')
-        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
-        act_layer = act_layer or nn.GELU
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
-        self.num_prefix_tokens = 1  # class token; the spatial token is a suffix token
-        self.grad_checkpointing = False
-        self.patch_size = patch_size
+        spatial_blocks = tuple(range(depth - num_spatial_blocks, depth))
 
-        self.patch_embed = PatchEmbed(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-            flatten=False, output_fmt='NHWC', strict_img_size=False)
-        grid = self.patch_embed.grid_size
+        def block_fn(i: int, grid_size: Tuple[int, int], **block_args) -> Block:
+            return Block(**block_args, spatial_aware=i in spatial_blocks)
+
+        super().__init__(block_fn, global_pool=global_pool, depth=depth, **kwargs)
+        self.spatial_blocks = spatial_blocks
+
+    def _make_tokens(self, embed_dim: int, num_patches: int) -> None:
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.loc_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1] + 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.loc_embed = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_drop = nn.Dropout(pos_drop_rate)
-
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
-        self.spatial_blocks = tuple(range(depth - num_spatial_blocks, depth))
-        self.blocks = nn.ModuleList([
-            Block(
-                embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
-                attn_drop=attn_drop_rate, drop_path=dpr[i], act_layer=act_layer, norm_layer=norm_layer,
-                spatial_aware=i in self.spatial_blocks)
-            for i in range(depth)])
-        self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
-        self.norm = norm_layer(embed_dim)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = self._make_head(num_classes)
-        self.init_weights()
 
     def _make_head(self, num_classes: int) -> nn.Module:
         # PyTorch's default conv init, as the original (its _init_weights only touches Linear / LayerNorm)
         return nn.Conv2d(self.embed_dim, num_classes, 3, 1, 1) if num_classes > 0 else nn.Identity()
 
-    def init_weights(self) -> None:
-        """The official (DeiT) init: trunc_normal(.02) for Linear and the tokens / embeddings, unit LayerNorms."""
-        for p in (self.pos_embed, self.loc_embed, self.cls_token, self.loc_token):
-            trunc_normal_(p, std=.02)
-        self.apply(_init_weights)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        return {'pos_embed', 'cls_token', 'loc_embed', 'loc_token'}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict:
-        return dict(
-            stem=r'^cls_token|loc_token|pos_embed|loc_embed|patch_embed',
-            blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ('avg', ''):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = self._make_head(num_classes)
-
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        x, pos, (h, w) = embed_patches(self, x)
+        x, pos, hw = embed_patches(self, x)
         B = x.shape[0]
         x = torch.cat([self.cls_token.expand(B, -1, -1), x, self.loc_token.expand(B, -1, -1)], 1)
-        return self.pos_drop(x + torch.cat([pos, self.loc_embed], dim=1)), (h, w)
+        return self.pos_drop(x + torch.cat([pos, self.loc_embed], dim=1)), hw
 
-    def _run_block(
-            self,
-            blk: nn.Module,
-            x: torch.Tensor,
-            need_mask: bool,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(blk, x, need_mask)
-        return blk(x, need_mask)
+    def _run_block(self, i: int, blk: nn.Module, x: torch.Tensor, state: _SATState) -> torch.Tensor:
+        x, mask = self._checkpointed(blk, x, state.need_mask)
+        state.masks.append(mask)
+        return x
 
-    def _forward_tokens(
-            self,
-            x: torch.Tensor,
-            all_masks: bool = False,
-    ) -> Tuple[torch.Tensor, Tuple[int, int], List[Optional[torch.Tensor]]]:
-        """Normalised tokens (B, N, C), the grid and the per-block spatial masks (B, N) (None where not computed)."""
-        x, hw = self._embed(x)
-        masks = []
-        for blk in self.blocks:
-            x, m = self._run_block(blk, x, all_masks)
-            masks.append(m)
-        return self.norm(x), hw, masks
+    def _split_tokens(self, x: torch.Tensor, state: BlockState) -> Tuple[torch.Tensor, torch.Tensor]:
+        # the class and spatial tokens (B, 2, C) are the "prefix" tokens of forward_intermediates
+        return x[:, 1:-1], torch.cat([x[:, :1], x[:, -1:]], dim=1)
 
-    @staticmethod
-    def _patch_map(x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        """(B, N, C) tokens -> (B, C, h, w) patch map (class and spatial tokens dropped)."""
-        B, _, C = x.shape
-        return x[:, 1:-1].reshape(B, hw[0], hw[1], C).permute(0, 3, 1, 2).contiguous()
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            return_prefix_tokens: bool = False,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Patch features of selected blocks as (B, C, h, w) maps (or (B, h*w, C) with ``output_fmt='NLC'``).
-
-        The final output (first element unless ``intermediates_only``) equals :meth:`forward_features`.
-
-        Args:
-            x: Input images.
-            indices: Take the last n blocks if an int, these blocks if a list, all if None.
-            return_prefix_tokens: Also return the class and spatial tokens (B, 2, C) of each selected block.
-            norm: Apply the final norm to each intermediate.
-            stop_early: Stop after the last selected block.
-            output_fmt: 'NCHW' or 'NLC'.
-            intermediates_only: Return only the intermediates.
-        """
-        if output_fmt not in ('NCHW', 'NLC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        B = x.shape[0]
-        x, (h, w) = self._embed(x)
-        blocks = self.blocks if not stop_early else self.blocks[:max_index + 1]
-        intermediates = []
-        for i, blk in enumerate(blocks):
-            x, _ = self._run_block(blk, x, False)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm else x)
-        prefix = [torch.cat([y[:, :1], y[:, -1:]], dim=1) for y in intermediates]
-        intermediates = [y[:, 1:-1] for y in intermediates]
-        if output_fmt == 'NCHW':
-            intermediates = [y.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
-        if return_prefix_tokens:
-            intermediates = list(zip(intermediates, prefix))
-        if intermediates_only:
-            return intermediates
-        return self._patch_map(self.norm(x), (h, w)), intermediates
+    def _output(self, x: torch.Tensor, state: BlockState) -> torch.Tensor:
+        """Normalised patch tokens as a (B, C, h, w) map."""
+        return self._to_map(x[:, 1:-1], state.hw)
 
     def prune_intermediate_layers(
             self,
@@ -300,19 +159,12 @@ class SATVisionTransformer(nn.Module):
             prune_head: bool = True,
     ) -> List[int]:
         """Drop the blocks (and optionally norm / head) after the last of ``indices``; returns the kept indices."""
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[:max_index + 1]
-        self.spatial_blocks = tuple(i for i in self.spatial_blocks if i <= max_index)
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
+        take_indices = super().prune_intermediate_layers(indices, prune_norm, prune_head)
+        self.spatial_blocks = tuple(i for i in self.spatial_blocks if i < len(self.blocks))
         return take_indices
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised patch tokens as a (B, C, h, w) map."""
-        x, hw, _ = self._forward_tokens(x)
-        return self._patch_map(x, hw)
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3)) if self.global_pool == 'avg' else x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Conv 3x3 head + global average pooling on a (B, C, h, w) feature map.
@@ -321,13 +173,7 @@ class SATVisionTransformer(nn.Module):
         features it sees, not a linear head's input); with ``global_pool=''`` the unpooled maps are returned.
         """
         x = self.head_drop(x)
-        if pre_logits:
-            return x.mean(dim=(2, 3)) if self.global_pool == 'avg' else x
-        x = self.head(x)
-        return x.mean(dim=(2, 3)) if self.global_pool == 'avg' else x
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        return self.pool(x if pre_logits else self.head(x))
 
     def forward_loc(
             self,
@@ -347,22 +193,13 @@ class SATVisionTransformer(nn.Module):
         """
         if not self.spatial_blocks:
             raise RuntimeError('forward_loc needs the spatial-aware blocks (pruned by prune_intermediate_layers?)')
-        tokens, hw, masks = self._forward_tokens(x, all_masks=return_masks)
-        logits = self.forward_head(self._patch_map(tokens, hw))
+        tokens, state, _ = self._forward_tokens(x, need_mask=return_masks)
+        logits = self.forward_head(self._output(tokens, state))
+        masks, hw = state.masks, state.hw
         loc_map = fuse_spatial_masks([masks[i] for i in self.spatial_blocks], hw)
         if return_masks:
             return logits, loc_map, [fuse_spatial_masks([m], hw) for m in masks]
         return logits, loc_map
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 def checkpoint_filter_fn(state_dict: Dict, model: SATVisionTransformer) -> Dict[str, torch.Tensor]:
@@ -380,23 +217,16 @@ def checkpoint_filter_fn(state_dict: Dict, model: SATVisionTransformer) -> Dict[
     target = model.state_dict()
     # a DeiT has neither SAT key (a SAT checkpoint missing only one of them is an error, reported below)
     is_deit = 'loc_token' not in state_dict and 'loc_embed' not in state_dict and 'cls_token' in state_dict
-    num_prefix = 2 if 'dist_token' in state_dict else 1
     out = {}
     for k, v in state_dict.items():
         if k == 'weight' and v.dim() == 4 and v.shape[:2] == (1, 1):
             continue  # the original's frozen Gaussian kernel: a buffer of vitzoo.losses.sat.SATLoss now
         if is_deit and (k.startswith('head_dist.') or k == 'dist_token' or (k.startswith('head.') and v.dim() != 4)):
             continue
-        if k == 'pos_embed':
-            if num_prefix == 2:
-                v = torch.cat([v[:, :1], v[:, 2:]], dim=1)  # drop the distillation token's row
-            if v.shape != target[k].shape:
-                old = int(round((v.shape[1] - 1) ** 0.5))
-                v = resample_abs_pos_embed(v, new_size=model.patch_embed.grid_size, old_size=(old, old),
-                                           num_prefix_tokens=1, verbose=True)
-        elif k == 'patch_embed.proj.weight' and v.ndim < 4:
-            v = v.reshape(target[k].shape)
+        if k == 'pos_embed' and 'dist_token' in state_dict:
+            v = torch.cat([v[:, :1], v[:, 2:]], dim=1)  # drop the distillation token's row
         out[k] = v
+    adapt_embeddings(out, model)
     if is_deit:
         kept = [k for k in ('loc_token', 'loc_embed', 'head.weight', 'head.bias') if k in target and k not in out]
         for k in kept:

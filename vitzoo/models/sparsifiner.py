@@ -55,20 +55,20 @@ Written for vitzoo.
 """
 import logging
 import math
-from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, PatchEmbed, resample_abs_pos_embed, trunc_normal_, use_fused_attn
-from timm.models import checkpoint, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import use_fused_attn
+from timm.models import generate_default_cfgs, register_model
 
-from vitzoo.layers.sparse_attention import SparseAttention, mask_from_indices, resize_token_projection
+from vitzoo.layers.sparse_attention import SparseAttention, mask_from_indices
 from vitzoo.weights import build_model_with_cfg
-from ._helpers import CheckpointError, Mlp, check_state_dict, embed_patches, unwrap_state_dict
+from ._helpers import adapt_submodules, check_state_dict, unwrap_state_dict
+from ._vit import BlockState, DeiTShell, PreNormBlock, adapt_embeddings
 
 __all__ = ['SparsifinerVisionTransformer', 'sparsifiner_flops', 'TOKEN_SPARSE_KWARGS']
 
@@ -80,11 +80,15 @@ TOKEN_SPARSE_KWARGS = dict(token_keep_rate=0.7, token_pruning_loc=(3, 6, 9))
 _logger = logging.getLogger(__name__)
 
 _PREDICTOR = 'attn.mask_predictor.'
-_TOKEN_PROJ = ('proj_n', 'proj_back_n')
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block with Sparsifiner attention."""
+class Block(PreNormBlock):
+    """Pre-norm transformer block with Sparsifiner attention.
+
+    ``forward(x, grid, token_idx=None, return_attn=False, need_cls_attn=False)`` passes its arguments after ``x`` to
+    :meth:`SparseAttention.forward <vitzoo.layers.sparse_attention.SparseAttention.forward>` and returns
+    ``(x, side outputs)``.
+    """
 
     def __init__(
             self,
@@ -101,28 +105,10 @@ class Block(nn.Module):
             norm_layer: Callable = nn.LayerNorm,
             **predictor_kwargs,
     ):
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = SparseAttention(
+        attn = SparseAttention(
             dim, num_heads=num_heads, grid_size=grid_size, keep_rate=keep_rate, qkv_bias=qkv_bias,
             attn_drop=attn_drop, proj_drop=proj_drop, fused_attn=use_fused_attn(), **predictor_kwargs)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-
-    def forward(
-            self,
-            x: torch.Tensor,
-            grid: Tuple[int, int],
-            token_idx: Optional[torch.Tensor] = None,
-            return_attn: bool = False,
-            need_cls_attn: bool = False,
-    ) -> Tuple[torch.Tensor, Dict[str, Optional[torch.Tensor]]]:
-        y, aux = self.attn(self.norm1(x), grid, token_idx, return_attn=return_attn, need_cls_attn=need_cls_attn)
-        x = x + self.drop_path1(y)
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return x, aux
+        super().__init__(dim, attn, mlp_ratio, proj_drop, drop_path, act_layer, norm_layer)
 
 
 def _per_layer(value: Union[float, Sequence[float]], depth: int, name: str) -> List[float]:
@@ -134,20 +120,25 @@ def _per_layer(value: Union[float, Sequence[float]], depth: int, name: str) -> L
     return value
 
 
-class SparsifinerVisionTransformer(nn.Module):
+@dataclass
+class _SparsifinerState(BlockState):
+    return_attn: bool = False  # the blocks return their attention probabilities
+    keep_aux: bool = False  # keep every block's side outputs in ``auxes``
+    token_idx: Optional[torch.Tensor] = None  # (B, kept) grid indices of the patch tokens (None before pruning)
+    auxes: List[Dict[str, Any]] = field(default_factory=list)
+    cls_attn: Optional[torch.Tensor] = None  # the last block's class-token attention, for the pruning after it
+
+
+class SparsifinerVisionTransformer(DeiTShell):
     """DeiT with Sparsifiner attention in every block and optional class-attention token pruning.
 
+    ``forward_features`` returns the final-normed tokens (B, 1 + kept, C): the class token, then the kept patch tokens
+    in grid order; in ``forward_intermediates`` pruned token positions are zero (the original zeroes pruned tokens).
+
     Args:
-        img_size: Construction resolution (sets the position table and the predictor's token projections).
-        patch_size: Patch size.
-        in_chans: Input channels.
-        num_classes: Classifier classes (0 = no head).
-        global_pool: 'token' (class token, default) or 'avg' (mean of the kept patch tokens).
         embed_dim: Width.
         depth: Blocks.
         num_heads: Heads.
-        mlp_ratio: MLP expansion.
-        qkv_bias: Bias in qkv.
         attn_keep_rate: Attention keep ratio ρ (one float or one per block); 1.0 = dense attention.
         rank: Predictor rank (None: tokens // reduce_n_factor, 32 at 224²).
         reduce_n_factor: Rank divisor (official 6).
@@ -159,27 +150,19 @@ class SparsifinerVisionTransformer(nn.Module):
         token_pruning_loc: Blocks after which tokens are pruned (official 3, 6, 9).
         attn_recon: Phase-1 mode: in train mode, dense attention and the signed-basis predictor.
         mask_grad: Straight-through gradient from the sparse attention to the predictor in train mode.
-        drop_rate: Dropout before the head.
-        pos_drop_rate: Dropout after adding the position embedding.
-        proj_drop_rate: Dropout after projections / MLP.
-        attn_drop_rate: Attention dropout.
-        drop_path_rate: Stochastic depth (linear rule).
-        norm_layer: Norm (default LayerNorm eps 1e-6).
-        act_layer: MLP activation.
+        kwargs: The ViT arguments of :class:`~vitzoo.models._vit.DeiTShell` (``img_size`` sets the position table and
+            the predictor's token projections), e.g. ``global_pool`` ('token' or 'avg': mean of the kept patch
+            tokens), ``drop_path_rate``.
     """
+
+    state_cls = _SparsifinerState
 
     def __init__(
             self,
-            img_size: Union[int, Tuple[int, int]] = 224,
-            patch_size: int = 16,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            global_pool: str = 'token',
+            *,
             embed_dim: int = 384,
             depth: int = 12,
             num_heads: int = 6,
-            mlp_ratio: float = 4.0,
-            qkv_bias: bool = True,
             attn_keep_rate: Union[float, Sequence[float]] = 0.25,
             rank: Optional[int] = None,
             reduce_n_factor: int = 6,
@@ -191,62 +174,25 @@ class SparsifinerVisionTransformer(nn.Module):
             token_pruning_loc: Sequence[int] = (3, 6, 9),
             attn_recon: bool = False,
             mask_grad: bool = True,
-            drop_rate: float = 0.0,
-            pos_drop_rate: float = 0.0,
-            proj_drop_rate: float = 0.0,
-            attn_drop_rate: float = 0.0,
-            drop_path_rate: float = 0.0,
-            norm_layer: Optional[Callable] = None,
-            act_layer: Optional[Callable] = None,
             **kwargs,
     ):
-        super().__init__()
-        if global_pool not in ('token', 'avg', ''):
-            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        self._check_global_pool(kwargs.get('global_pool', 'token'))
         if not 0 < token_keep_rate <= 1:
             raise ValueError(f'token_keep_rate must be in (0, 1], got {token_keep_rate}')
-        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
-        act_layer = act_layer or nn.GELU
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
-        self.num_prefix_tokens = 1
-        self.grad_checkpointing = False
-        self.patch_size = patch_size
+        keep = _per_layer(attn_keep_rate, depth, 'attn_keep_rate')
+
+        def block_fn(i: int, **block_args) -> Block:
+            return Block(
+                **block_args, keep_rate=keep[i], rank=rank, reduce_n_factor=reduce_n_factor,
+                reduce_c_factor=reduce_c_factor, basis_topk=basis_topk, basis_threshold=basis_threshold,
+                share_inout_proj=share_inout_proj)
+
+        super().__init__(block_fn, embed_dim=embed_dim, depth=depth, num_heads=num_heads, **kwargs)
         self.token_keep_rate = float(token_keep_rate)
         self.token_pruning_loc = tuple(sorted(int(i) for i in token_pruning_loc if 0 <= int(i) < depth - 1)) \
             if token_keep_rate < 1 else ()
-
-        self.patch_embed = PatchEmbed(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-            flatten=False, output_fmt='NHWC', strict_img_size=False)
-        grid = self.patch_embed.grid_size
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1] + 1, embed_dim))
-        self.pos_drop = nn.Dropout(pos_drop_rate)
-
-        keep = _per_layer(attn_keep_rate, depth, 'attn_keep_rate')
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
-        self.blocks = nn.ModuleList([
-            Block(
-                embed_dim, num_heads, grid, keep_rate=keep[i], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], act_layer=act_layer,
-                norm_layer=norm_layer, rank=rank, reduce_n_factor=reduce_n_factor, reduce_c_factor=reduce_c_factor,
-                basis_topk=basis_topk, basis_threshold=basis_threshold, share_inout_proj=share_inout_proj)
-            for i in range(depth)])
-        self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
-        self.norm = norm_layer(embed_dim)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.init_weights()
         self.attn_recon = attn_recon
         self.mask_grad = mask_grad
-
-    def init_weights(self) -> None:
-        """The official (DeiT) init: trunc_normal(.02) for Linear / tokens / token projections, unit LayerNorms."""
-        trunc_normal_(self.pos_embed, std=.02)
-        trunc_normal_(self.cls_token, std=.02)
-        self.apply(_init_weights)
 
     # ---- modes --------------------------------------------------------------------------------------------------
 
@@ -297,42 +243,28 @@ class SparsifinerVisionTransformer(nn.Module):
             is_pred = _PREDICTOR in n
             p.requires_grad_(phase == 'joint' or is_pred == (phase == 'attn_recon'))
 
-    # ---- timm interface -----------------------------------------------------------------------------------------
+    # ---- the block loop's hooks: sparse attention and token pruning -----------------------------------------------
 
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        return {'pos_embed', 'cls_token'}
+    def _run_block(self, i: int, blk: nn.Module, x: torch.Tensor, state: _SparsifinerState) -> torch.Tensor:
+        need_cls_attn = self._prunes_after(i) is not None
+        x, aux = self._checkpointed(blk, x, state.hw, state.token_idx, state.return_attn, need_cls_attn)
+        if state.keep_aux:  # only on request: the approximate attentions are (B, H, n - 1, n) per block
+            state.auxes.append(dict(aux, token_idx=state.token_idx))
+        state.cls_attn = aux['cls_attn'] if need_cls_attn else None
+        return x
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict:
-        return dict(stem=r'^cls_token|pos_embed|patch_embed', blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))])
+    def _after_block(self, i: int, x: torch.Tensor, state: _SparsifinerState) -> torch.Tensor:
+        keep = self._prunes_after(i)
+        if keep is not None:
+            x, state.token_idx = self._prune(x, state.cls_attn, state.token_idx, keep, state.hw)
+        return x
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ('token', 'avg', ''):
-                raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-
-    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        x, pos, (h, w) = embed_patches(self, x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.pos_drop(x + pos), (h, w)
-
-    def _run_block(self, blk: nn.Module, x: torch.Tensor, grid: Tuple[int, int], token_idx: Optional[torch.Tensor],
-                   return_attn: bool = False, need_cls_attn: bool = False):
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(blk, x, grid, token_idx, return_attn, need_cls_attn)
-        return blk(x, grid, token_idx, return_attn, need_cls_attn)
+    def _split_tokens(self, x: torch.Tensor, state: _SparsifinerState) -> Tuple[torch.Tensor, torch.Tensor]:
+        patches, prefix = super()._split_tokens(x, state)
+        if state.token_idx is not None:  # scatter the kept tokens back onto the grid (pruned positions are zero)
+            full = patches.new_zeros(patches.shape[0], state.hw[0] * state.hw[1], patches.shape[-1])
+            patches = full.scatter(1, state.token_idx.unsqueeze(-1).expand(-1, -1, patches.shape[-1]), patches)
+        return patches, prefix
 
     def _prunes_after(self, i: int) -> Optional[float]:
         """Keep rate of the token pruning after block ``i`` (None: no pruning there, or in phase-1 training)."""
@@ -355,116 +287,6 @@ class SparsifinerVisionTransformer(nn.Module):
             token_idx = torch.arange(n, device=x.device).expand(x.shape[0], n)
         return x, torch.gather(token_idx, 1, sel)
 
-    def _forward_blocks(
-            self,
-            x: torch.Tensor,
-            grid: Tuple[int, int],
-            blocks: Optional[Sequence[nn.Module]] = None,
-            return_attn: bool = False,
-            collect: Optional[Callable] = None,
-            keep_aux: bool = False,
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], List[Dict]]:
-        """Run the blocks with token pruning; returns tokens, final token indices and (``keep_aux``) side outputs."""
-        token_idx = None
-        auxes = []
-        for i, blk in enumerate(self.blocks if blocks is None else blocks):
-            keep = self._prunes_after(i)
-            x, aux = self._run_block(blk, x, grid, token_idx, return_attn, keep is not None)
-            if keep_aux:  # only on request: the approximate attentions are (B, H, n - 1, n) per block
-                auxes.append(dict(aux, token_idx=token_idx))
-            if collect is not None:
-                collect(i, x, token_idx)
-            if keep is not None:
-                x, token_idx = self._prune(x, aux['cls_attn'], token_idx, keep, grid)
-        return x, token_idx, auxes
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            return_prefix_tokens: bool = False,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Features of selected blocks as (B, C, h, w) maps (or (B, h*w, C) tokens with ``output_fmt='NLC'``).
-
-        Pruned token positions are zero (the original zeroes pruned tokens).
-
-        Args:
-            x: Input images.
-            indices: Take the last n blocks if an int, these blocks if a list, all if None.
-            return_prefix_tokens: Also return the class token of each selected block.
-            norm: Apply the final norm to each intermediate.
-            stop_early: Stop after the last selected block.
-            output_fmt: 'NCHW' or 'NLC'.
-            intermediates_only: Return only the intermediates.
-        """
-        if output_fmt not in ('NCHW', 'NLC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        B = x.shape[0]
-        x, (h, w) = self._embed(x)
-        npt = self.num_prefix_tokens
-        intermediates, prefix = [], []
-
-        def collect(i, y, token_idx):
-            if i not in take_indices:
-                return
-            y = self.norm(y) if norm else y
-            prefix.append(y[:, :npt])
-            patches = y[:, npt:]
-            if token_idx is not None:  # scatter the kept tokens back onto the grid
-                full = patches.new_zeros(B, h * w, patches.shape[-1])
-                patches = full.scatter(1, token_idx.unsqueeze(-1).expand(-1, -1, patches.shape[-1]), patches)
-            intermediates.append(patches)
-
-        blocks = self.blocks if not stop_early else self.blocks[:max_index + 1]
-        x, _, _ = self._forward_blocks(x, (h, w), blocks, collect=collect)
-        if output_fmt == 'NCHW':
-            intermediates = [y.reshape(B, h, w, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
-        if return_prefix_tokens:
-            intermediates = list(zip(intermediates, prefix))
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the blocks (and optionally norm / head) after the last of ``indices``; returns the kept indices."""
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Final-normed tokens (B, 1 + kept, C): class token, then the kept patch tokens in grid order."""
-        x, grid = self._embed(x)
-        x, _, _ = self._forward_blocks(x, grid)
-        return self.norm(x)
-
-    def pool(self, x: torch.Tensor) -> torch.Tensor:
-        if self.global_pool == 'avg':
-            return x[:, self.num_prefix_tokens:].mean(dim=1)
-        if self.global_pool == 'token':
-            return x[:, 0]
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.head_drop(self.pool(x))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
     @torch.jit.ignore
     def forward_dict(self, x: torch.Tensor, return_attn: bool = False, return_masks: bool = False) -> Dict:
         """Everything the two training phases and inspection need, in one forward.
@@ -480,9 +302,8 @@ class SparsifinerVisionTransformer(nn.Module):
           - with ``return_masks``: ``masks``, per block the boolean (B, H, n, n) connectivity mask (all True if dense);
           - with ``return_attn``: ``attn``, per block the attention probabilities (B, H, n, n) actually used.
         """
-        x, grid = self._embed(x)
-        x, token_idx, auxes = self._forward_blocks(x, grid, return_attn=return_attn, keep_aux=True)
-        x = self.norm(x)
+        x, state, _ = self._forward_tokens(x, return_attn=return_attn, keep_aux=True)
+        grid, token_idx, auxes = state.hw, state.token_idx, state.auxes
         out = dict(
             logits=self.forward_head(x), features=x[:, self.num_prefix_tokens:], token_idx=token_idx,
             approx_attn=[a['approx'] for a in auxes], keep_idx=[a['idx'] for a in auxes],
@@ -499,16 +320,6 @@ class SparsifinerVisionTransformer(nn.Module):
         if return_attn:
             out['attn'] = [a['attn'] for a in auxes]
         return out
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 # ---- analytic FLOPs -------------------------------------------------------------------------------------------------
@@ -595,29 +406,12 @@ def checkpoint_filter_fn(state_dict: Dict, model: SparsifinerVisionTransformer) 
     from ``model`` when the checkpoint has none (a DeiT checkpoint), then checks every key and shape, raising
     :class:`~vitzoo.models._helpers.CheckpointError` that names the key.
     """
-    state_dict = unwrap_state_dict(state_dict)
-    target = model.state_dict()
-    grid = tuple(model.patch_embed.grid_size)
-    npt = model.num_prefix_tokens
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith('dist_token') or k.startswith('head_dist'):
-            continue  # distilled DeiT extras: the Sparsifiner backbone has no distillation token
-        if k == 'pos_embed' and k in target and v.shape != target[k].shape:
-            old = int(round((v.shape[1] - npt) ** 0.5))
-            v = resample_abs_pos_embed(v, new_size=grid, old_size=(old, old), num_prefix_tokens=npt, verbose=True)
-        elif k.rsplit('.', 1)[-1] in _TOKEN_PROJ and k in target and v.ndim == 2 and v.shape != target[k].shape \
-                and v.shape[1] == target[k].shape[1]:
-            old = int(round((v.shape[0] - npt) ** 0.5))
-            if npt + old * old != v.shape[0]:
-                raise CheckpointError(f"key '{k}' has {v.shape[0]} token rows, not 1 + a square grid")
-            v = resize_token_projection(v, grid, (old, old), npt, rescale=k.endswith('proj_n'))
-        elif k == 'patch_embed.proj.weight' and v.ndim < 4:
-            v = v.reshape(target[k].shape)
-        out[k] = v
+    # distilled DeiT extras dropped: the Sparsifiner backbone has no distillation token
+    out = {k: v for k, v in unwrap_state_dict(state_dict).items() if not k.startswith(('dist_token', 'head_dist'))}
+    adapt_submodules(model, adapt_embeddings(out, model))  # the predictors resize their token projections
     if not any(_PREDICTOR in k for k in out):
         _logger.info('checkpoint has no connectivity predictor (a DeiT checkpoint): keeping the fresh predictor init')
-        out.update({k: v for k, v in target.items() if _PREDICTOR in k})
+        out.update({k: v for k, v in model.state_dict().items() if _PREDICTOR in k})
     check_state_dict(out, model, skip_prefixes=('head.',))
     return out
 
