@@ -57,29 +57,26 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.utils.data
 
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(_ROOT))
+import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-import timm  # noqa: E402
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
-from timm.utils import ParseKwargs  # noqa: E402
-
-import vitzoo  # noqa: E402,F401  (registers the models)
-from vitzoo.data.imagenet_c import (CorruptedImageDataset, ImageListDataset, ImageNetCError,  # noqa: E402
-                                    imagenet_c_cell, imagenet_subset_info, present_corruptions, scan_image_folder,
-                                    write_imagenet_c)
-from vitzoo.metrics import (ALEXNET_CLEAN_ERR, ALL_CORRUPTIONS, CORRUPTION_GROUPS, CORRUPTIONS,  # noqa: E402
-                            EXTRA_CORRUPTIONS, SEVERITIES, imagenet_c_summary)
+try:
+    import vitzoo  # noqa: F401  (registers the models)
+except ModuleNotFoundError as e:  # the tools use the installed package
+    raise SystemExit('vitzoo is not installed: `pip install -e .` in the vitzoo checkout') if e.name == 'vitzoo' else e
+from vitzoo.data.imagenet_c import (CorruptedImageDataset, ImageListDataset, ImageNetCError, imagenet_c_cell,
+                                    imagenet_subset_info, present_corruptions, scan_image_folder, write_imagenet_c)
+from vitzoo.distributed import Distributed, DistributedError, ShardSampler
+from vitzoo.metrics import (ALEXNET_CLEAN_ERR, ALL_CORRUPTIONS, CORRUPTION_GROUPS, CORRUPTIONS, EXTRA_CORRUPTIONS,
+                            SEVERITIES, imagenet_c_summary)
+from vitzoo.utils import add_model_args, create_model_with_weights
 
 _logger = logging.getLogger('eval_imagenet_c')
 
@@ -122,16 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--no-clean', action='store_true', help='do not evaluate the --generate-from folder as clean')
     g.add_argument('--alexnet-clean-error', type=float, default=100 * ALEXNET_CLEAN_ERR, metavar='PCT',
                    help=f'AlexNet clean error for relative mCE (default {100 * ALEXNET_CLEAN_ERR:g})')
-    g = p.add_argument_group('Model')
-    g.add_argument('--model', '-m', default='', help='registered timm / vitzoo model name')
-    g.add_argument('--checkpoint', default='', metavar='PATH',
-                   help='training checkpoint or state_dict (loaded with weights_only=True through timm, so a model\'s '
-                        'checkpoint_filter_fn applies)')
-    g.add_argument('--pretrained', action='store_true', help='use the model\'s default pretrained weights')
-    g.add_argument('--num-classes', type=int, default=None,
-                   help='classifier classes (default: the number of class folders; 1000 for -a / -r)')
-    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='K=V',
-                   help='extra timm.create_model keyword arguments')
+    add_model_args(p.add_argument_group('Model'),
+                   checkpoint_help='training checkpoint or state_dict (loaded with weights_only=True through timm, so '
+                                   'a model\'s checkpoint_filter_fn applies)',
+                   num_classes_help='classifier classes (default: the number of class folders; 1000 for -a / -r)')
     g = p.add_argument_group('Evaluation')
     g.add_argument('--img-size', type=int, default=None, metavar='C',
                    help='crop size C (default: the model cfg input size, else 224); also the generation crop')
@@ -164,62 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
-class _Dist:
-    """torchrun state; world 1 outside torchrun."""
-
-    def __init__(self, device: str) -> None:
-        self.world = int(os.environ.get('WORLD_SIZE', '1'))
-        self.rank = int(os.environ.get('RANK', '0'))
-        self.device = torch.device(device)
-        self.owns_group = False
-        if self.world > 1:
-            if self.device.type == 'cuda':
-                local = int(os.environ.get('LOCAL_RANK', '0'))
-                if local >= torch.cuda.device_count():
-                    raise ImageNetCError(f'local rank {local} but only {torch.cuda.device_count()} CUDA devices: '
-                                         f'use --nproc_per_node <= the GPU count (or --device cpu)')
-                self.device = torch.device('cuda', local)
-                torch.cuda.set_device(self.device)
-            if not dist.is_initialized():
-                dist.init_process_group('nccl' if self.device.type == 'cuda' else 'gloo')
-                self.owns_group = True
-
-    def sum(self, values: Sequence[float]) -> List[float]:
-        t = torch.tensor(list(values), dtype=torch.float64, device=self.device if self.device.type == 'cuda' else 'cpu')
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t.tolist()
-
-    def gather_lists(self, items: List[Any]) -> List[Any]:
-        if self.world == 1:
-            return items
-        out: List[List[Any]] = [[] for _ in range(self.world)]
-        dist.all_gather_object(out, items)
-        return [x for part in out for x in part]
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-class _ShardSampler(torch.utils.data.Sampler):
-    """Every ``world``-th index from ``rank``, without the padding DistributedSampler adds (it repeats samples to even
-    out the shards, which would bias the counts); the union over ranks is each index exactly once."""
-
-    def __init__(self, n: int, rank: int, world: int) -> None:
-        self.indices = list(range(rank, n, world))
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 def _corruption_list(args: argparse.Namespace, root: Optional[Path]) -> List[str]:
     if args.corruptions:
         names: List[str] = []
@@ -315,12 +250,12 @@ def _fingerprint(args: argparse.Namespace, crop: int, resize: int, num_classes: 
     }
 
 
-def _evaluate_loader(model: torch.nn.Module, ds: torch.utils.data.Dataset, args: argparse.Namespace, dd: _Dist,
+def _evaluate_loader(model: torch.nn.Module, ds: torch.utils.data.Dataset, args: argparse.Namespace, dd: Distributed,
                      logit_index: Optional[torch.Tensor] = None, desc: str = '') -> Dict[str, Any]:
     """Top-1 / top-5 counts of ``model`` on ``ds`` over all ranks; unreadable images (label -1) are counted apart."""
     device = dd.device
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=args.batch_size, sampler=_ShardSampler(len(ds), dd.rank, dd.world), num_workers=args.workers,
+        ds, batch_size=args.batch_size, sampler=ShardSampler(len(ds), dd.rank, dd.world_size), num_workers=args.workers,
         pin_memory=device.type == 'cuda', persistent_workers=False,
         prefetch_factor=4 if args.workers > 0 else None)
     amp_dtype = torch.bfloat16 if device.type == 'cpu' or args.amp_dtype == 'bfloat16' else torch.float16
@@ -369,7 +304,7 @@ def _evaluate_loader(model: torch.nn.Module, ds: torch.utils.data.Dataset, args:
         raise ImageNetCError(f'{nb} unreadable images, e.g. {ds.samples[sorted(broken_all)[0]][0]}')
     if n == 0:
         raise ImageNetCError(f'{desc}: no readable image ({nb} unreadable)')
-    wall = seconds / dd.world  # mean over ranks of the per-rank wall time
+    wall = seconds / dd.world_size  # mean over ranks of the per-rank wall time
     return {
         'images': n, 'skipped': nb, 'skipped_files': [ds.samples[i][0] for i in sorted(broken_all)[:20]],
         'top1_acc': 100.0 * top1 / n, 'top5_acc': 100.0 * top5 / n, 'top1_err': 100.0 * (1 - top1 / n),
@@ -466,19 +401,13 @@ def _label(summary: Dict[str, Any], fallback: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------------------------- main
-def _create_model(args: argparse.Namespace, num_classes: int, dd: _Dist) -> torch.nn.Module:
+def _create_model(args: argparse.Namespace, num_classes: int, dd: Distributed) -> torch.nn.Module:
     if not timm.is_model(args.model.split('.')[0]):
         raise ImageNetCError(f'unknown model {args.model!r} (see vitzoo.utils.list_models() / timm.list_models())')
-    kw = dict(num_classes=num_classes, **args.model_kwargs)
-    if args.checkpoint:
-        if not Path(args.checkpoint).is_file():
-            raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
-        kw.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(args.checkpoint), num_classes=num_classes))
-    elif args.pretrained:
-        kw['pretrained'] = True
     torch.manual_seed(args.seed)  # identical random init on every rank when no weights are given
     try:
-        model = timm.create_model(args.model, **kw)
+        model = create_model_with_weights(args.model, args.checkpoint, args.pretrained, num_classes,
+                                          **args.model_kwargs)
     except (RuntimeError, ValueError, KeyError) as e:  # incl. CheckpointError; timm's size-mismatch RuntimeError
         if not (args.checkpoint or args.pretrained):
             raise
@@ -501,7 +430,7 @@ def _check_classes(classes: List[str], reference: List[str], where: str, num_cla
                              f'(--num-classes)')
 
 
-def evaluate(args: argparse.Namespace, dd: _Dist) -> Dict[str, Any]:
+def evaluate(args: argparse.Namespace, dd: Distributed) -> Dict[str, Any]:
     """Run the requested mode; returns the summary dict (also written to --output on rank 0)."""
     out = Path(args.output) if args.output else None
     if args.generate_from and args.subset != 'imagenet-c':
@@ -538,7 +467,7 @@ def evaluate(args: argparse.Namespace, dd: _Dist) -> Dict[str, Any]:
         corruptions = _corruption_list(args, None)
         t0 = time.perf_counter()
         w = write_imagenet_c(args.generate_from, args.write, corruptions, severities, seed=args.seed, resize=resize,
-                             crop=crop, workers=args.workers, rank=dd.rank, world_size=dd.world,
+                             crop=crop, workers=args.workers, rank=dd.rank, world_size=dd.world_size,
                              progress=not args.no_progress and dd.rank == 0)
         dd.barrier()
         written, existing = (int(v) for v in dd.sum([w['written'], w['existing']]))
@@ -675,7 +604,7 @@ def evaluate(args: argparse.Namespace, dd: _Dist) -> Dict[str, Any]:
         data=str(Path(args.generate_from if on_the_fly else args.data_dir).absolute()), source=fp['source'],
         corruptions=corruptions, severities=severities, num_classes=num_classes, metrics=metrics,
         cells_evaluated=evaluated, cells_reused=reused, skipped=sum(r['skipped'] for r in rows),
-        images_per_s=round(total_imgs / total_s, 1) if total_s > 0 else None, world_size=dd.world,
+        images_per_s=round(total_imgs / total_s, 1) if total_s > 0 else None, world_size=dd.world_size,
         fingerprint=fp, rows=rows)
     if out is not None and dd.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -713,8 +642,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         print(f'CE comparison written to {path}')
         return {'compare': list(args.compare), 'png': str(path)}
     try:
-        dd = _Dist(args.device)
-    except ImageNetCError as e:
+        dd = Distributed(args.device)
+    except DistributedError as e:
         raise SystemExit(f'error: {e}')
     try:
         res = evaluate(args, dd)

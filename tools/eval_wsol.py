@@ -35,7 +35,6 @@ Writes (with --output DIR): DIR/wsol_results.json, DIR/wsol_results.txt (the tab
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -44,19 +43,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-_ROOT = Path(__file__).resolve().parents[1]
-if str(_ROOT) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(_ROOT))
+import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import get_pretrained_cfg
 
-import timm  # noqa: E402
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
-from timm.models import get_pretrained_cfg  # noqa: E402
-from timm.utils import ParseKwargs  # noqa: E402
-
-import vitzoo  # noqa: E402,F401  (registers the models)
-from vitzoo.data.wsol import (WSOLDataError, WSOLDataset, cub_dataset, imagenet_dataset, write_shapes_cub,  # noqa: E402
+try:
+    import vitzoo  # noqa: F401  (registers the models)
+except ModuleNotFoundError as e:  # the tools use the installed package
+    raise SystemExit('vitzoo is not installed: `pip install -e .` in the vitzoo checkout') if e.name == 'vitzoo' else e
+from vitzoo.data.wsol import (WSOLDataError, WSOLDataset, cub_dataset, imagenet_dataset, write_shapes_cub,
                               wsol_eval_transform, wsol_tencrop_transform)
-from vitzoo.wsol import WSOLMeter  # noqa: E402
+from vitzoo.utils import add_model_args, create_model_with_weights
+from vitzoo.wsol import WSOLMeter
 
 _logger = logging.getLogger('eval_wsol')
 
@@ -82,15 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--shapes-num-classes', type=int, default=10, metavar='K', help='shapes: classes')
     g.add_argument('--shapes-img-size', type=int, default=96, metavar='S', help='shapes: image size')
     g.add_argument('--shapes-seed', type=int, default=0, help='shapes: dataset seed')
-    g = p.add_argument_group('Model')
-    g.add_argument('--model', '-m', default='sat_deit_small', help='registered model with forward_loc')
-    g.add_argument('--checkpoint', default='', metavar='PATH',
-                   help='weights: an official SAT checkpoint ("module." keys), a vitzoo / timm train checkpoint '
-                        'or a state_dict (loaded through the model\'s checkpoint filter)')
-    g.add_argument('--pretrained', action='store_true', help='use the model\'s default pretrained weights')
-    g.add_argument('--num-classes', type=int, default=None, help='classifier classes (default: the class folders)')
-    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='K=V',
-                   help='extra model kwargs, e.g. embed_dim=64 depth=4')
+    add_model_args(p.add_argument_group('Model'), 'sat_deit_small', model_help='registered model with forward_loc',
+                   checkpoint_help='weights: an official SAT checkpoint ("module." keys), a vitzoo / timm train '
+                                   'checkpoint or a state_dict (loaded through the model\'s checkpoint filter)',
+                   num_classes_help='classifier classes (default: the class folders)')
     g = p.add_argument_group('Evaluation')
     g.add_argument('--img-size', type=int, default=None, metavar='C', help='eval crop C (default: the model cfg)')
     g.add_argument('--resize-size', type=int, default=None, metavar='R',
@@ -194,14 +187,7 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     num_classes = args.num_classes or len(ds.classes)
     if len(ds.classes) > num_classes:
         raise SystemExit(f'the dataset has {len(ds.classes)} classes but the model only {num_classes}')
-    create_kw = dict(num_classes=num_classes, **args.model_kwargs)
-    if args.checkpoint:
-        if not Path(args.checkpoint).is_file():
-            raise FileNotFoundError(f'checkpoint not found: {args.checkpoint}')
-        create_kw.update(pretrained=True, pretrained_cfg_overlay=dict(file=args.checkpoint, num_classes=num_classes))
-    elif args.pretrained:
-        create_kw['pretrained'] = True
-    model = timm.create_model(args.model, **create_kw)
+    model = create_model_with_weights(args.model, args.checkpoint, args.pretrained, num_classes, **args.model_kwargs)
     if not hasattr(model, 'forward_loc'):
         raise SystemExit(f'{args.model} has no forward_loc(): not a localization model (try sat_deit_small)')
     model.eval().to(device)

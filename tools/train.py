@@ -42,11 +42,15 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, ParseKwargs, accuracy, random_seed, update_summary
 from torchvision.datasets import ImageFolder
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import vitzoo  # noqa: E402,F401  (registers the models)
-from vitzoo.train_utils import (  # noqa: E402
-    MethodLoss, ResumableSampler, SeededDataset, ShardSampler, TrainError, TrainWrapper, atomic_save, check_head,
-    get_rng_state, load_checkpoint, logits_of, method_of, set_rng_state, to_primitive)
+try:
+    import vitzoo  # noqa: F401  (registers the models)
+except ModuleNotFoundError as e:  # the tools use the installed package
+    raise SystemExit('vitzoo is not installed: `pip install -e .` in the vitzoo checkout') if e.name == 'vitzoo' else e
+from vitzoo.distributed import Distributed, DistributedError, ShardSampler
+from vitzoo.models import unwrap_state_dict
+from vitzoo.train_utils import (
+    MethodLoss, ResumableSampler, SeededDataset, TrainError, TrainWrapper, atomic_save, check_head, get_rng_state,
+    load_checkpoint, logits_of, method_of, set_rng_state, to_primitive)
 
 _logger = logging.getLogger('train')
 
@@ -403,22 +407,17 @@ def resolve_recipe(args: argparse.Namespace) -> Dict:
 # setup
 
 
-def setup_distributed(args: argparse.Namespace) -> None:
+def setup_distributed(args: argparse.Namespace) -> Distributed:
     """torchrun sets WORLD_SIZE / RANK / LOCAL_RANK (+ MASTER_ADDR/PORT); gloo on CPU, nccl on GPU."""
     if args.world_size is not None:
         raise TrainError('--world-size is only for --print-recipe: a run takes the world size from torchrun')
-    args.world_size = int(os.environ.get('WORLD_SIZE', 1))
-    args.rank = int(os.environ.get('RANK', 0))
-    args.local_rank = int(os.environ.get('LOCAL_RANK', 0))
-    args.distributed = args.world_size > 1
-    use_cuda = args.device.startswith('cuda') or (not args.device and torch.cuda.is_available())
-    if use_cuda:
-        args.device = f'cuda:{args.local_rank}' if args.distributed else (args.device or 'cuda')
-        torch.cuda.set_device(torch.device(args.device))
-    else:
-        args.device = 'cpu'
-    if args.distributed and not dist.is_initialized():
-        dist.init_process_group(backend='nccl' if use_cuda else 'gloo')
+    try:
+        dd = Distributed(args.device)
+    except DistributedError as e:
+        raise TrainError(str(e)) from e
+    args.world_size, args.rank, args.local_rank = dd.world_size, dd.rank, dd.local_rank
+    args.distributed, args.device = dd.distributed, str(dd.device)
+    return dd
 
 
 def build_datasets(args: argparse.Namespace):
@@ -475,7 +474,6 @@ def create_model(args: argparse.Namespace) -> nn.Module:
 
 def load_weights(model: nn.Module, path: str) -> None:
     """Initial weights: our checkpoints, plain state dicts or official ones (through the family's filter)."""
-    from vitzoo.models._helpers import unwrap_state_dict
     sd = unwrap_state_dict(load_checkpoint(path))
     classifier = model.pretrained_cfg.get('classifier', 'head')
     classifier = (classifier,) if isinstance(classifier, str) else tuple(classifier)
@@ -647,16 +645,14 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         recipe = resolve_recipe(args)
         print(json.dumps(recipe, indent=1))
         return recipe
-    setup_distributed(args)
-    is_main = args.rank == 0
-    _setup_logging(is_main)
+    dd = setup_distributed(args)
+    _setup_logging(dd.is_main)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        return _train(args, is_main)
+        return _train(args, dd.is_main)
     finally:
-        if args.distributed and dist.is_initialized():
-            dist.destroy_process_group()
+        dd.close()
 
 
 def _train(args: argparse.Namespace, is_main: bool) -> Dict:

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.data
 
+from vitzoo.distributed import ShardSampler  # noqa: F401  (public here before vitzoo.distributed existed)
 from vitzoo.weights import safe_load
 
 __all__ = ['TrainError', 'atomic_save', 'load_checkpoint', 'get_rng_state', 'set_rng_state', 'SeededDataset',
@@ -208,19 +209,6 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return self.per_rank - self.start
-
-
-class ShardSampler(torch.utils.data.Sampler):
-    """Evaluation sampler: rank r takes indices r, r + world, ... (no padding, so summed metrics are exact)."""
-
-    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1):
-        self.idx = list(range(rank, num_samples, world_size))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.idx)
-
-    def __len__(self) -> int:
-        return len(self.idx)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
