@@ -48,17 +48,16 @@ from timm.layers import DropPath, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from vitzoo.layers.agent_attention import AgentAttention, resize_bias_1d, split_qkv
+from vitzoo.layers.agent_attention import AgentAttention, split_qkv
 from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.layers.windows import pad_to_windows, padded_key_mask, window_padding, window_partition, window_reverse
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
-from ._helpers import Mlp, check_state_dict, unwrap_state_dict
+from ._helpers import Mlp, adapt_submodules, check_state_dict, unwrap_state_dict
 
 __all__ = ['AgentCSWinTransformer']
 
 _logger = logging.getLogger(__name__)
 
-_ROW_COL_BIASES = {'ah_bias': 3, 'aw_bias': 4, 'ha_bias': 2, 'wa_bias': 3}  # name -> spatial axis
 _STEM_STRIDE = 4
 
 
@@ -549,22 +548,11 @@ def checkpoint_filter_fn(state_dict: Dict, model: AgentCSWinTransformer) -> Dict
 
     Renames the official keys (``stage1_conv_embed.{0,2}`` → ``patch_embed.{proj,norm}``, ``stageK.i`` →
     ``stages.{K-1}.blocks.i``, ``mergeK`` → ``stages.K.downsample``), resizes the agent row/column biases when the
-    model was built at another resolution, then checks every key and shape, raising
-    :class:`~vitzoo.models._helpers.CheckpointError` that names the key.
+    model was built at another resolution (:meth:`AgentAttention.adapt_state_dict`), then checks every key and shape,
+    raising :class:`~vitzoo.models._helpers.CheckpointError` that names the key.
     """
-    state_dict = unwrap_state_dict(state_dict)
-    target = model.state_dict()
-    out = {}
-    for k, v in state_dict.items():
-        k = _remap_key(k)
-        name = k.rsplit('.', 1)[-1]
-        if name in _ROW_COL_BIASES and k in target and v.shape != target[k].shape:
-            dim = _ROW_COL_BIASES[name]
-            same_elsewhere = v.ndim == target[k].ndim and all(
-                a == b for i, (a, b) in enumerate(zip(v.shape, target[k].shape)) if i != dim)
-            if same_elsewhere:  # only the window differs; anything else is reported as is by check_state_dict
-                v = resize_bias_1d(v, target[k].shape[dim], dim)
-        out[k] = v
+    out = {_remap_key(k): v for k, v in unwrap_state_dict(state_dict).items()}
+    adapt_submodules(model, out)
     check_state_dict(out, model, skip_prefixes=('head.',))
     return out
 

@@ -40,16 +40,15 @@ from timm.layers import DropPath, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from vitzoo.layers.agent_attention import AgentAttention, resize_bias_1d
+from vitzoo.layers.agent_attention import AgentAttention
 from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
-from ._helpers import Mlp, check_state_dict, sizes_match, unwrap_state_dict
+from ._helpers import Mlp, adapt_submodules, check_state_dict, sizes_match, unwrap_state_dict
 
 __all__ = ['AgentPVT']
 
 _logger = logging.getLogger(__name__)
 
-_ROW_COL_BIASES = {'ah_bias': 3, 'aw_bias': 4, 'ha_bias': 2, 'wa_bias': 3}  # name -> spatial axis
 
 
 class SpatialReductionAttention(nn.Module):
@@ -220,6 +219,23 @@ class AgentPvtStage(nn.Module):
         self.blocks = nn.ModuleList([
             Block(dim, drop_path=drop_path[j], window_size=self.grid_size, **block_kwargs) for j in range(depth)])
         self.grad_checkpointing = False
+
+    def adapt_state_dict(self, state_dict: Dict[str, torch.Tensor], prefix: str = '') -> None:
+        """Resize a checkpoint's position embedding (key under ``prefix``) stored for another grid, in place.
+
+        Bilinear, align_corners=False, as at run time; a table whose grid cannot be told or whose width differs is
+        left for the family's key check.
+        """
+        k = prefix + 'pos_embed'
+        v, own = state_dict.get(k), self.pos_embed.shape
+        if v is None or v.shape == own or v.ndim != 3 or v.shape[-1] != own[-1]:
+            return
+        old = _old_grid(v.shape[1], self.grid_size)
+        if old is not None:
+            _logger.info(f'Resizing {k} from grid {old} to {self.grid_size}')
+            pos = v.reshape(1, old[0], old[1], -1).permute(0, 3, 1, 2)
+            pos = F.interpolate(pos.float(), size=self.grid_size, mode='bilinear', align_corners=False)
+            state_dict[k] = pos.flatten(2).transpose(1, 2).to(v.dtype)
 
     def _pos_embed(self, hw: Tuple[int, int]) -> torch.Tensor:
         pos = self.pos_embed
@@ -476,32 +492,18 @@ def checkpoint_filter_fn(state_dict: Dict, model: AgentPVT) -> Dict[str, torch.T
     """Load an official Agent-PVT checkpoint (``{'model': state_dict}`` with official key names) into ``model``.
 
     Renames ``patch_embed{i}`` / ``pos_embed{i}`` / ``block{i}.{j}`` to ``stages.{i-1}...`` (vitzoo checkpoints pass
-    through), resizes position embeddings and agent row/column biases when the model was built at another resolution,
-    then checks every key and shape, raising :class:`~vitzoo.models._helpers.CheckpointError` that names the key.
+    through), lets the stages and attentions resize their position embeddings and agent row/column biases when the
+    model was built at another resolution, then checks every key and shape, raising
+    :class:`~vitzoo.models._helpers.CheckpointError` that names the key.
     """
-    state_dict = unwrap_state_dict(state_dict)
-    target = model.state_dict()
     out = {}
-    for k, v in state_dict.items():
+    for k, v in unwrap_state_dict(state_dict).items():
         for pattern, repl in _OFFICIAL_KEYS:
             k, n = pattern.subn(repl, k)
             if n:
                 break
-        if k in target and v.shape != target[k].shape:
-            leaf = k.rsplit('.', 1)[-1]
-            if leaf == 'pos_embed' and v.ndim == 3:
-                stage = model.stages[int(k.split('.')[1])]
-                old = _old_grid(v.shape[1], stage.grid_size)
-                if old is not None and v.shape[-1] == target[k].shape[-1]:
-                    _logger.info(f'Resizing {k} from grid {old} to {stage.grid_size}')
-                    dtype = v.dtype
-                    v = v.reshape(1, old[0], old[1], -1).permute(0, 3, 1, 2)
-                    v = F.interpolate(v.float(), size=stage.grid_size, mode='bilinear', align_corners=False)
-                    v = v.flatten(2).transpose(1, 2).to(dtype)
-            elif leaf in _ROW_COL_BIASES and v.ndim == target[k].ndim:
-                dim = _ROW_COL_BIASES[leaf]
-                v = resize_bias_1d(v, target[k].shape[dim], dim)
         out[k] = v
+    adapt_submodules(model, out)
     check_state_dict(out, model, skip_prefixes=('head.',))
     return out
 

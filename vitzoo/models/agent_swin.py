@@ -47,17 +47,16 @@ from timm.layers import DropPath, PatchEmbed, resize_rel_pos_bias_table_simple, 
 from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from vitzoo.layers.agent_attention import AgentAttention, resize_bias_1d
+from vitzoo.layers.agent_attention import AgentAttention
 from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.layers.windows import pad_to_windows, padded_key_mask, window_padding, window_partition, window_reverse
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
-from ._helpers import Mlp, check_state_dict, unwrap_state_dict
+from ._helpers import Mlp, adapt_submodules, check_state_dict, unwrap_state_dict
 
 __all__ = ['AgentSwinTransformer']
 
 _logger = logging.getLogger(__name__)
 
-_ROW_COL_BIASES = {'ah_bias': 3, 'aw_bias': 4, 'ha_bias': 2, 'wa_bias': 3}  # name -> spatial axis
 _MASK_VALUE = -100.0  # the official Swin mask value
 
 
@@ -128,6 +127,16 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.relative_position_bias_table, std=.02)
+
+    def adapt_state_dict(self, state_dict: Dict[str, torch.Tensor], prefix: str = '') -> None:
+        """Resize a checkpoint's relative-position table (keys under ``prefix``) trained for another window, in place.
+
+        Bicubic, as the official Swin loader; anything else that differs is left for the family's key check.
+        """
+        k = prefix + 'relative_position_bias_table'
+        v, own = state_dict.get(k), self.relative_position_bias_table.shape
+        if v is not None and v.shape != own and v.ndim == 2 and v.shape[1] == own[1]:
+            state_dict[k] = resize_rel_pos_bias_table_simple(v, self.window_size, tuple(own))
 
     def _rel_pos_bias(self, window: Tuple[int, int]) -> torch.Tensor:
         ws = self.window_size[0]
@@ -550,12 +559,12 @@ def checkpoint_filter_fn(state_dict: Dict, model: AgentSwinTransformer) -> Dict[
     """Load an official Agent-Swin checkpoint (``{'model': state_dict}``, official key names) into ``model``.
 
     Moves the official end-of-stage PatchMerging (``layers.{i}.downsample``) to the start of the next stage, drops
-    the recomputed ``relative_position_index`` / ``attn_mask`` buffers, resizes agent row/column biases (linear) and
-    relative-position tables (bicubic, as the official Swin loader) built for another resolution, then checks every
-    key and shape, raising :class:`~vitzoo.models._helpers.CheckpointError` that names the key.
+    the recomputed ``relative_position_index`` / ``attn_mask`` buffers, lets the attentions resize what they own
+    (agent row/column biases: linear; relative-position tables: bicubic, as the official Swin loader) when built for
+    another resolution or window, then checks every key and shape, raising
+    :class:`~vitzoo.models._helpers.CheckpointError` that names the key.
     """
     state_dict = unwrap_state_dict(state_dict)
-    target = model.state_dict()
     # official checkpoints merge at the end of a stage: stage 0 has a downsample, which vitzoo's layout never has
     official = any(k.startswith('layers.0.downsample.') for k in state_dict)
     out = {}
@@ -564,15 +573,8 @@ def checkpoint_filter_fn(state_dict: Dict, model: AgentSwinTransformer) -> Dict[
             continue
         if official:
             k = re.sub(r'^layers\.(\d+)\.downsample\.', lambda m: f'layers.{int(m.group(1)) + 1}.downsample.', k)
-        if k in target and v.shape != target[k].shape:
-            name = k.rsplit('.', 1)[-1]
-            if name in _ROW_COL_BIASES and v.ndim == target[k].ndim:
-                dim = _ROW_COL_BIASES[name]
-                v = resize_bias_1d(v, target[k].shape[dim], dim)
-            elif name == 'relative_position_bias_table' and v.ndim == 2 and v.shape[1] == target[k].shape[1]:
-                ws = int(round((target[k].shape[0] ** 0.5 + 1) / 2))
-                v = resize_rel_pos_bias_table_simple(v, (ws, ws), tuple(target[k].shape))
         out[k] = v
+    adapt_submodules(model, out)
     check_state_dict(out, model, skip_prefixes=('head.',))
     return out
 
