@@ -9,7 +9,8 @@ per-call :class:`BlockState`, as timm's ``eva.py`` passes ``rope`` to its blocks
 ``forward_features``, ``forward_intermediates`` and the families' extra forwards.
 
 :class:`PreNormBlock` is the transformer block around any attention; :func:`adapt_embeddings` is the position half of
-every family's ``checkpoint_filter_fn``.
+every family's ``checkpoint_filter_fn``; :func:`deit_build_kwargs` and :func:`deit_cfg` the shared parts of their
+``_create_*`` and pretrained cfgs.
 """
 from dataclasses import dataclass
 from functools import partial
@@ -17,13 +18,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Ty
 
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models import checkpoint
 from timm.models._features import feature_take_indices
 
 from ._helpers import Mlp, embed_patches, init_weights_trunc_normal
 
-__all__ = ['BlockState', 'PreNormBlock', 'DeiTShell', 'adapt_embeddings']
+__all__ = ['BlockState', 'PreNormBlock', 'DeiTShell', 'adapt_embeddings', 'deit_build_kwargs', 'deit_cfg']
 
 
 @dataclass
@@ -376,3 +378,19 @@ def adapt_embeddings(state_dict: Dict[str, torch.Tensor], model: DeiTShell) -> D
     if proj is not None and proj.ndim < 4:
         state_dict['patch_embed.proj.weight'] = proj.reshape(model.patch_embed.proj.weight.shape)
     return state_dict
+
+
+def deit_build_kwargs(pretrained_filter_fn: Callable, out_indices: int = 3, **kwargs) -> Dict[str, Any]:
+    """``build_model_with_cfg`` arguments of a DeiT family: its checkpoint filter, ``features_only`` through
+    ``forward_intermediates`` (timm's 'getter', last ``out_indices`` blocks), and the entrypoint's ``kwargs``."""
+    return dict(pretrained_filter_fn=pretrained_filter_fn,
+                feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+
+
+def deit_cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    """Pretrained cfg of a DeiT-family model: ImageNet-1k at 224, any input size; ``kwargs`` add or override fields."""
+    return {
+        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None, 'crop_pct': 0.875,
+        'fixed_input_size': False, 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj', 'classifier': 'head', **kwargs,
+    }

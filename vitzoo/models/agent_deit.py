@@ -10,19 +10,19 @@ are plain softmax blocks. Parameter names follow the official checkpoints, so th
 Beyond the original: any input resolution (the position table and the agent row/column biases are resized to the
 token grid at run time), fused attention, ``features_only``, grad checkpointing. Written for vitzoo.
 """
+from functools import partial
 from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention, use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 
 from vitzoo.layers.agent_attention import AgentAttention
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
 from ._helpers import adapt_submodules, check_state_dict, unwrap_state_dict
-from ._vit import DeiTShell, PreNormBlock, adapt_embeddings
+from ._vit import DeiTShell, PreNormBlock, adapt_embeddings, deit_build_kwargs, deit_cfg
 
 __all__ = ['AgentVisionTransformer']
 
@@ -113,25 +113,15 @@ def checkpoint_filter_fn(state_dict: Dict, model: AgentVisionTransformer) -> Dic
 
 
 def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> AgentVisionTransformer:
-    out_indices = kwargs.pop('out_indices', 3)
     return build_model_with_cfg(
-        AgentVisionTransformer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs)
+        AgentVisionTransformer, variant, pretrained, **deit_build_kwargs(checkpoint_filter_fn, **kwargs))
 
 
-def _cfg(url: str = '', **kwargs) -> Dict:
-    # official eval (agent_transformer/data/build.py build_transform, TEST.CROP True): Resize((s, s)) with
-    # s = int(256 / 224 * img), then CenterCrop(img), bicubic == timm's 'squash' mode at crop_pct 0.875
-    return {
-        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        'crop_pct': 0.875, 'crop_mode': 'squash', 'interpolation': 'bicubic', 'fixed_input_size': False,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj', 'classifier': 'head',
-        'paper_ids': 'arXiv:2312.08874', 'origin_url': 'https://github.com/LeapLabTHU/Agent-Attention',
-        'license': 'apache-2.0', **kwargs,
-    }
+# official eval (agent_transformer/data/build.py build_transform, TEST.CROP True): Resize((s, s)) with
+# s = int(256 / 224 * img), then CenterCrop(img), bicubic == timm's 'squash' mode at crop_pct 0.875
+_cfg = partial(
+    deit_cfg, crop_mode='squash', interpolation='bicubic', paper_ids='arXiv:2312.08874',
+    origin_url='https://github.com/LeapLabTHU/Agent-Attention', license='apache-2.0')
 
 
 default_cfgs = generate_default_cfgs({

@@ -35,19 +35,19 @@ Written for vitzoo.
 """
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 
 from vitzoo.layers.spatial_token import SpatialTokenAttention, fuse_spatial_masks
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
 from ._helpers import check_state_dict, embed_patches, unwrap_state_dict
-from ._vit import BlockState, DeiTShell, PreNormBlock, adapt_embeddings
+from ._vit import BlockState, DeiTShell, PreNormBlock, adapt_embeddings, deit_build_kwargs, deit_cfg
 
 __all__ = ['SATVisionTransformer']
 
@@ -237,24 +237,15 @@ def checkpoint_filter_fn(state_dict: Dict, model: SATVisionTransformer) -> Dict[
 
 
 def _create_sat(variant: str, pretrained: bool = False, **kwargs) -> SATVisionTransformer:
-    out_indices = kwargs.pop('out_indices', 3)
     return build_model_with_cfg(
-        SATVisionTransformer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs)
+        SATVisionTransformer, variant, pretrained, **deit_build_kwargs(checkpoint_filter_fn, **kwargs))
 
 
-def _cfg(url: str = '', **kwargs) -> Dict:
-    # the official eval: Resize((256, 256)) (aspect-distorting) -> CenterCrop(224), bilinear == timm's 'squash' mode
-    return {
-        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        'crop_pct': 0.875, 'crop_mode': 'squash', 'interpolation': 'bilinear', 'fixed_input_size': False,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj', 'classifier': 'head',
-        'paper_ids': 'arXiv:2303.10438', 'paper_name': 'Spatial-Aware Token for Weakly Supervised Object Localization',
-        'origin_url': 'https://github.com/wpy1999/SAT', **kwargs,
-    }
+# the official eval: Resize((256, 256)) (aspect-distorting) -> CenterCrop(224), bilinear == timm's 'squash' mode
+_cfg = partial(
+    deit_cfg, crop_mode='squash', interpolation='bilinear', paper_ids='arXiv:2303.10438',
+    paper_name='Spatial-Aware Token for Weakly Supervised Object Localization',
+    origin_url='https://github.com/wpy1999/SAT')
 
 
 def _deit_init_cfg(deit: str, file: str) -> Dict:

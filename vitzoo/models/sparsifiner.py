@@ -56,19 +56,19 @@ Written for vitzoo.
 import logging
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 
 from vitzoo.layers.sparse_attention import SparseAttention, mask_from_indices
 from vitzoo.weights import build_model_with_cfg
 from ._helpers import adapt_submodules, check_state_dict, unwrap_state_dict
-from ._vit import BlockState, DeiTShell, PreNormBlock, adapt_embeddings
+from ._vit import BlockState, DeiTShell, PreNormBlock, adapt_embeddings, deit_build_kwargs, deit_cfg
 
 __all__ = ['SparsifinerVisionTransformer', 'sparsifiner_flops', 'TOKEN_SPARSE_KWARGS']
 
@@ -417,25 +417,15 @@ def checkpoint_filter_fn(state_dict: Dict, model: SparsifinerVisionTransformer) 
 
 
 def _create_sparsifiner(variant: str, pretrained: bool = False, **kwargs) -> SparsifinerVisionTransformer:
-    out_indices = kwargs.pop('out_indices', 3)
     return build_model_with_cfg(
-        SparsifinerVisionTransformer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs)
+        SparsifinerVisionTransformer, variant, pretrained, **deit_build_kwargs(checkpoint_filter_fn, **kwargs))
 
 
-def _cfg(url: str = '', **kwargs) -> Dict:
-    # official eval (src/datasets.py build_transform, crop_pct None -> 224 / 256): Resize(int(224 / crop_pct),
-    # bicubic) (shorter side) -> CenterCrop(224), i.e. timm's 'center' mode
-    return {
-        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        'crop_pct': 0.875, 'crop_mode': 'center', 'interpolation': 'bicubic', 'fixed_input_size': False,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj', 'classifier': 'head',
-        'paper_ids': 'arXiv:2303.13755', 'origin_url': 'https://github.com/lim142857/Sparsifiner',
-        'license': 'mit', **kwargs,
-    }
+# official eval (src/datasets.py build_transform, crop_pct None -> 224 / 256): Resize(int(224 / crop_pct),
+# bicubic) (shorter side) -> CenterCrop(224), i.e. timm's 'center' mode
+_cfg = partial(
+    deit_cfg, crop_mode='center', interpolation='bicubic', paper_ids='arXiv:2303.13755',
+    origin_url='https://github.com/lim142857/Sparsifiner', license='mit')
 
 
 default_cfgs = generate_default_cfgs({
