@@ -48,38 +48,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import timm
-import vitzoo  # noqa: F401  (registers the models)
-from vitzoo.utils import count_macs, count_params, list_models
+
+try:
+    import vitzoo  # noqa: F401  (registers the models)
+except ModuleNotFoundError as e:  # the tools use the installed package
+    raise SystemExit('vitzoo is not installed: `pip install -e .` in the vitzoo checkout') if e.name == 'vitzoo' else e
+from vitzoo.utils import count_macs, count_params, interleaved_times, list_models, time_fn, time_interleaved
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# timing helpers
-
-
-def time_fn(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> Dict[str, float]:
-    """Median seconds of each function, calls interleaved so that load changes hit every candidate alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: Dict[str, List[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+# output
 
 
 def print_table(title: str, rows: List[Dict], out: Optional[Path] = None) -> None:
@@ -393,14 +371,7 @@ def suite_sparsifiner(args, results: Dict) -> None:
     base = next(iter(cands))
     with torch.no_grad():
         y_sparse, y_orig = sparse(x), original(x)
-        for m in cands.values():  # warm up
-            m(x)
-        times: Dict[str, List[float]] = {k: [] for k in cands}
-        for _ in range(args.repeats):
-            for k, m in cands.items():
-                t = time.perf_counter()
-                m(x)
-                times[k].append(time.perf_counter() - t)
+        times = interleaved_times({k: (lambda m=m: m(x)) for k, m in cands.items()}, repeats=args.repeats)
     rows = []
     for k, m in cands.items():
         ratios = [a / b for a, b in zip(times[k], times[base])]
@@ -414,7 +385,8 @@ def suite_sparsifiner(args, results: Dict) -> None:
         rows.append(row)
     diff = float((y_sparse - y_orig).abs().max())
     reduction = mod.sparsifiner_flops(sparse)['mhsa_reduction']
-    results['sparsifiner'] = dict(models=rows, original_style_max_abs_diff=diff, mhsa_flops_reduction_keep_0_25=reduction)
+    results['sparsifiner'] = dict(models=rows, original_style_max_abs_diff=diff,
+                                  mhsa_flops_reduction_keep_0_25=reduction)
     print_table('sparsifiner vs dense DeiT-S (CPU, fp32, eval, batch %d, 224, %d threads, median of %d interleaved '
                 'ratios)' % (bs, torch.get_num_threads(), args.repeats), rows, args.out)
     print(f'MHSA FLOPs reduction at keep 0.25: {reduction:.1%} (analytic); original-style vs vitzoo logits max |diff| '
@@ -515,14 +487,8 @@ def suite_train(args, results: Dict) -> None:
                 steps = {k: _train_step(m, x, y, dtype, args.train_opt) for k, m in cands.items()}
                 if 'official' in steps:  # same weights, same batch: the losses agree (checked before any update)
                     row['loss_diff'] = abs(float(steps['ours']()) - float(steps['official']()))
-                times: Dict[str, List[float]] = {k: [] for k in steps}
-                for fn in steps.values():  # warm-up (also allocates optimizer state)
-                    fn()
-                for _ in range(args.repeats):
-                    for k, fn in steps.items():
-                        t = clock()
-                        fn()
-                        times[k].append(clock() - t)
+                # the warm-up call also allocates the optimizer state
+                times = interleaved_times(steps, repeats=args.repeats, clock=clock)
                 row['ours_ms'] = round(statistics.median(times['ours']) * 1e3, 1)
                 for k, label in (('official', 'vs_official'), ('timm', 'vs_timm')):
                     if k in times:

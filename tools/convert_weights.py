@@ -37,7 +37,11 @@ from typing import Any, Dict, List, Optional
 import torch
 
 import timm
-import vitzoo
+
+try:
+    import vitzoo
+except ModuleNotFoundError as e:  # the tools use the installed package
+    raise SystemExit('vitzoo is not installed: `pip install -e .` in the vitzoo checkout') if e.name == 'vitzoo' else e
 from vitzoo import weights as vw
 
 

@@ -24,7 +24,11 @@ import torch
 from PIL import Image
 
 import timm
-import vitzoo
+
+try:
+    import vitzoo
+except ModuleNotFoundError as e:  # the tools use the installed package
+    raise SystemExit('vitzoo is not installed: `pip install -e .` in the vitzoo checkout') if e.name == 'vitzoo' else e
 from vitzoo.data.shapes import write_image_folder
 from vitzoo.utils import count_macs, count_params, list_models, measure_throughput
 

@@ -406,8 +406,7 @@ def _create_model(args: argparse.Namespace, num_classes: int, dd: Distributed) -
         raise ImageNetCError(f'unknown model {args.model!r} (see vitzoo.utils.list_models() / timm.list_models())')
     torch.manual_seed(args.seed)  # identical random init on every rank when no weights are given
     try:
-        model = create_model_with_weights(args.model, args.checkpoint, args.pretrained, num_classes,
-                                          **args.model_kwargs)
+        model = create_model_with_weights(args.model, args.checkpoint, args.pretrained, num_classes, args.model_kwargs)
     except (RuntimeError, ValueError, KeyError) as e:  # incl. CheckpointError; timm's size-mismatch RuntimeError
         if not (args.checkpoint or args.pretrained):
             raise

@@ -187,7 +187,7 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     num_classes = args.num_classes or len(ds.classes)
     if len(ds.classes) > num_classes:
         raise SystemExit(f'the dataset has {len(ds.classes)} classes but the model only {num_classes}')
-    model = create_model_with_weights(args.model, args.checkpoint, args.pretrained, num_classes, **args.model_kwargs)
+    model = create_model_with_weights(args.model, args.checkpoint, args.pretrained, num_classes, args.model_kwargs)
     if not hasattr(model, 'forward_loc'):
         raise SystemExit(f'{args.model} has no forward_loc(): not a localization model (try sat_deit_small)')
     model.eval().to(device)

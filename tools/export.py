@@ -38,7 +38,6 @@ import fnmatch
 import json
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -48,12 +47,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-import timm
 from timm.utils import ParseKwargs
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import vitzoo  # noqa: E402,F401  (registers the models)
-from vitzoo.utils import explicit_attention, list_models  # noqa: E402
+try:
+    import vitzoo  # noqa: F401  (registers the models)
+except ModuleNotFoundError as e:  # the tools use the installed package
+    raise SystemExit('vitzoo is not installed: `pip install -e .` in the vitzoo checkout') if e.name == 'vitzoo' else e
+from vitzoo.utils import create_model_with_weights, explicit_attention, list_models, time_fn
 
 FORMATS = ('onnx', 'torch-export')
 
@@ -119,12 +119,9 @@ def build_model(
 ) -> nn.Module:
     """An eval-mode model; ``checkpoint`` (official or timm layout) loads through the family's checkpoint filter."""
     family_of(name)
-    kwargs = dict(model_kwargs or {})
-    if checkpoint:
-        if not os.path.isfile(checkpoint):
-            raise ExportError(f'--checkpoint {checkpoint!r} does not exist')
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=checkpoint), **kwargs).eval()
-    return timm.create_model(name, pretrained=pretrained, **kwargs).eval()
+    if checkpoint and not os.path.isfile(checkpoint):
+        raise ExportError(f'--checkpoint {checkpoint!r} does not exist')
+    return create_model_with_weights(name, checkpoint, pretrained, model_kwargs=model_kwargs).eval()
 
 
 def default_img_size(model: nn.Module) -> int:
@@ -154,16 +151,6 @@ def check_inputs(img_size: int, batch_size: int, dynamic: bool, seed: int = 0) -
     else:
         xs.append(torch.randn(batch_size + 1, 3, img_size, img_size, generator=g))
     return xs
-
-
-def _median_s(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def _onnx_session(path: str):
@@ -253,8 +240,8 @@ def export_and_validate(
             if got.shape != ref.shape:
                 raise RuntimeError(f'{name}: exported output shape {tuple(got.shape)} != eager {tuple(ref.shape)}')
             diffs.append((got - ref).abs().max().item())
-        eager_ms = _median_s(lambda: model(xs[0]), repeats) * 1e3
-        exported_ms = _median_s(lambda: run(xs[0]), repeats) * 1e3
+        eager_ms = time_fn(lambda: model(xs[0]), repeats) * 1e3
+        exported_ms = time_fn(lambda: run(xs[0]), repeats) * 1e3
     return dict(model=name, format=fmt, dynamic=dynamic, input=list(xs[0].shape), checked=[list(x.shape) for x in xs],
                 max_abs_diff=max(diffs), max_abs_diff_per_input=diffs, eager_ms=eager_ms, exported_ms=exported_ms,
                 export_s=export_s, file=output, file_mb=os.path.getsize(output) / 2 ** 20,

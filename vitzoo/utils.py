@@ -47,18 +47,26 @@ def create_model_with_weights(
         checkpoint: str = '',
         pretrained: bool = False,
         num_classes: Optional[int] = None,
-        **kwargs: Any,
+        model_kwargs: Optional[Dict[str, Any]] = None,
 ) -> nn.Module:
     """``timm.create_model`` with the weights of ``checkpoint`` or, with ``pretrained``, the model's own.
 
     A checkpoint file goes through timm's pretrained path (``pretrained_cfg_overlay=dict(file=...)``): vitzoo's
-    verified code-free loader, the family's ``checkpoint_filter_fn`` (official or timm layout) and the classifier
-    adaptation to ``num_classes``.
+    verified code-free loader and the family's ``checkpoint_filter_fn`` (official or timm layout).
+
+    Args:
+        name: Model name.
+        checkpoint: Weights file (takes precedence over ``pretrained``).
+        pretrained: Load the pretrained cfg's weights.
+        num_classes: Classes of the model and of the checkpoint's classifier (which then loads too); a
+            ``num_classes`` in ``model_kwargs`` only sizes the model (timm drops a checkpoint head of another size).
+        model_kwargs: Further ``timm.create_model`` arguments.
 
     Raises:
         FileNotFoundError: ``checkpoint`` is not a file.
     """
     import timm
+    kwargs = dict(model_kwargs or {})
     if num_classes is not None:
         kwargs['num_classes'] = num_classes
     if checkpoint:
