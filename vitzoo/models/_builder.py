@@ -48,7 +48,7 @@ class ChecksumError(WeightsError):
 
 
 class UnsafeCheckpointError(WeightsError):
-    """A checkpoint needs to run code to be unpickled; vitzoo refuses it (a full unpickle only for ``trusted`` files)."""
+    """A checkpoint needs to run code to be unpickled: refused (full unpickle only with ``safe_load(trusted=True)``)."""
 
 
 # ---- hashing --------------------------------------------------------------------------------------------------------
