@@ -11,10 +11,9 @@ Beyond the original: any input resolution (the position table and the agent row/
 token grid at run time), fused attention, ``features_only``, grad checkpointing. Written for vitzoo.
 """
 from functools import partial
-from typing import Callable, Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
-import torch.nn as nn
 
 from timm.layers import Attention, use_fused_attn
 from timm.models import generate_default_cfgs, register_model
@@ -28,31 +27,26 @@ __all__ = ['AgentVisionTransformer']
 
 
 class Block(PreNormBlock):
-    """Pre-norm transformer block with agent attention (``agent_num > 0``) or plain softmax attention."""
+    """Pre-norm transformer block with agent attention (``agent_num > 0``) or plain softmax attention.
+
+    ``kwargs``: the other arguments of :class:`~vitzoo.models._vit.PreNormBlock` (``mlp_ratio``, ``qkv_bias``, ...).
+    """
 
     def __init__(
             self,
             dim: int,
             num_heads: int,
-            mlp_ratio: float = 4.0,
-            qkv_bias: bool = True,
-            proj_drop: float = 0.0,
-            attn_drop: float = 0.0,
-            drop_path: float = 0.0,
-            act_layer: Callable = nn.GELU,
-            norm_layer: Callable = nn.LayerNorm,
             agent_num: int = 0,
             window_size: Tuple[int, int] = (14, 14),
             num_prefix_tokens: int = 1,
+            **kwargs,
     ):
         if agent_num > 0:
-            attn = AgentAttention(
-                dim, num_heads=num_heads, agent_num=agent_num, window_size=window_size, qkv_bias=qkv_bias,
-                attn_drop=attn_drop, proj_drop=proj_drop, num_prefix_tokens=num_prefix_tokens,
-                fused_attn=use_fused_attn())
+            super().__init__(
+                dim, num_heads, AgentAttention, agent_num=agent_num, window_size=window_size,
+                num_prefix_tokens=num_prefix_tokens, fused_attn=use_fused_attn(), **kwargs)
         else:
-            attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
-        super().__init__(dim, attn, mlp_ratio, proj_drop, drop_path, act_layer, norm_layer)
+            super().__init__(dim, num_heads, Attention, **kwargs)
         self.is_agent = agent_num > 0
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:

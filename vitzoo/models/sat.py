@@ -36,7 +36,7 @@ Written for vitzoo.
 import logging
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -55,25 +55,14 @@ _logger = logging.getLogger(__name__)
 
 
 class Block(PreNormBlock):
-    """Pre-norm transformer block whose attention also yields the spatial token's mask: returns ``(x, mask)``."""
+    """Pre-norm transformer block whose attention also yields the spatial token's mask: returns ``(x, mask)``.
 
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            mlp_ratio: float = 4.0,
-            qkv_bias: bool = True,
-            proj_drop: float = 0.0,
-            attn_drop: float = 0.0,
-            drop_path: float = 0.0,
-            act_layer: Callable = nn.GELU,
-            norm_layer: Callable = nn.LayerNorm,
-            spatial_aware: bool = False,
-    ):
-        attn = SpatialTokenAttention(
-            dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
-            spatial_aware=spatial_aware, fused_attn=use_fused_attn())
-        super().__init__(dim, attn, mlp_ratio, proj_drop, drop_path, act_layer, norm_layer)
+    ``kwargs``: the other arguments of :class:`~vitzoo.models._vit.PreNormBlock` (``mlp_ratio``, ``qkv_bias``, ...).
+    """
+
+    def __init__(self, dim: int, num_heads: int, spatial_aware: bool = False, **kwargs):
+        super().__init__(
+            dim, num_heads, SpatialTokenAttention, spatial_aware=spatial_aware, fused_attn=use_fused_attn(), **kwargs)
 
     @property
     def spatial_aware(self) -> bool:
@@ -121,7 +110,11 @@ class SATVisionTransformer(DeiTShell):
             return Block(**block_args, spatial_aware=i in spatial_blocks)
 
         super().__init__(block_fn, global_pool=global_pool, depth=depth, **kwargs)
-        self.spatial_blocks = spatial_blocks
+
+    @property
+    def spatial_blocks(self) -> Tuple[int, ...]:
+        """Indices of the spatial-aware blocks (those left after ``prune_intermediate_layers``)."""
+        return tuple(i for i, blk in enumerate(self.blocks) if blk.spatial_aware)
 
     def _make_tokens(self, embed_dim: int, num_patches: int) -> None:
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -151,17 +144,6 @@ class SATVisionTransformer(DeiTShell):
     def _output(self, x: torch.Tensor, state: BlockState) -> torch.Tensor:
         """Normalised patch tokens as a (B, C, h, w) map."""
         return self._to_map(x[:, 1:-1], state.hw)
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the blocks (and optionally norm / head) after the last of ``indices``; returns the kept indices."""
-        take_indices = super().prune_intermediate_layers(indices, prune_norm, prune_head)
-        self.spatial_blocks = tuple(i for i in self.spatial_blocks if i < len(self.blocks))
-        return take_indices
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=(2, 3)) if self.global_pool == 'avg' else x

@@ -57,7 +57,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -87,28 +87,14 @@ class Block(PreNormBlock):
 
     ``forward(x, grid, token_idx=None, return_attn=False, need_cls_attn=False)`` passes its arguments after ``x`` to
     :meth:`SparseAttention.forward <vitzoo.layers.sparse_attention.SparseAttention.forward>` and returns
-    ``(x, side outputs)``.
+    ``(x, side outputs)``. ``kwargs``: the other arguments of :class:`~vitzoo.models._vit.PreNormBlock` (``mlp_ratio``,
+    ``qkv_bias``, ...) and the predictor's of :class:`~vitzoo.layers.sparse_attention.SparseAttention` (``rank``, ...).
     """
 
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            grid_size: Tuple[int, int],
-            keep_rate: float = 0.25,
-            mlp_ratio: float = 4.0,
-            qkv_bias: bool = True,
-            proj_drop: float = 0.0,
-            attn_drop: float = 0.0,
-            drop_path: float = 0.0,
-            act_layer: Callable = nn.GELU,
-            norm_layer: Callable = nn.LayerNorm,
-            **predictor_kwargs,
-    ):
-        attn = SparseAttention(
-            dim, num_heads=num_heads, grid_size=grid_size, keep_rate=keep_rate, qkv_bias=qkv_bias,
-            attn_drop=attn_drop, proj_drop=proj_drop, fused_attn=use_fused_attn(), **predictor_kwargs)
-        super().__init__(dim, attn, mlp_ratio, proj_drop, drop_path, act_layer, norm_layer)
+    def __init__(self, dim: int, num_heads: int, grid_size: Tuple[int, int], keep_rate: float = 0.25, **kwargs):
+        super().__init__(
+            dim, num_heads, SparseAttention, grid_size=grid_size, keep_rate=keep_rate, fused_attn=use_fused_attn(),
+            **kwargs)
 
 
 def _per_layer(value: Union[float, Sequence[float]], depth: int, name: str) -> List[float]:
