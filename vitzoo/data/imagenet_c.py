@@ -123,8 +123,13 @@ def corruption_seed(seed: int, corruption: str, severity: int, index: int) -> in
     return zlib.crc32(f'{int(seed)}/{corruption}/{int(severity)}/{int(index)}'.encode())
 
 
-def corrupt_image(image: np.ndarray, corruption: str, severity: int, seed: int = 0, index: int = 0) -> np.ndarray:
-    """Corrupt a uint8 ``(H, W, 3)`` image (min side 32) deterministically; NumPy's global RNG state is preserved."""
+def corrupt_image(image: np.ndarray, corruption: str, severity: int, seed: int = 0, index: int = 0,
+                  np_seed: Optional[int] = None) -> np.ndarray:
+    """Corrupt a uint8 ``(H, W, 3)`` image (min side 32) deterministically; NumPy's global RNG state is preserved.
+
+    ``np.random`` is seeded with :func:`corruption_seed` of ``(seed, corruption, severity, index)``, or with
+    ``np_seed`` when given (a protocol with its own per-image seeds, e.g. Cityscapes-C's per-path hash).
+    """
     _check_corruption(corruption, severity)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ImageNetCError(f'expected a uint8 (H, W, 3) image, got {image.dtype} {tuple(image.shape)}')
@@ -133,7 +138,7 @@ def corrupt_image(image: np.ndarray, corruption: str, severity: int, seed: int =
     corrupt = load_imagecorruptions()
     state = np.random.get_state()
     try:
-        np.random.seed(corruption_seed(seed, corruption, severity, index))
+        np.random.seed(corruption_seed(seed, corruption, severity, index) if np_seed is None else np_seed)
         out = corrupt(image, corruption_name=corruption, severity=int(severity))
     finally:
         np.random.set_state(state)
