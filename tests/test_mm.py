@@ -20,7 +20,7 @@ from mmengine.registry import DefaultScope  # noqa: E402
 
 import vitzoo.mmdet  # noqa: E402,F401
 import vitzoo.mmseg  # noqa: E402,F401
-from vitzoo._mm import AgentCSwin, AgentPVT, AgentSwinTransformer, load_checkpoint_file  # noqa: E402
+from vitzoo.mm import AgentCSwin, AgentPVT, AgentSwinTransformer, load_checkpoint_file  # noqa: E402
 from vitzoo.layers.agent_attention import AgentAttention  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -196,7 +196,7 @@ def test_backbone_feature_parity(tmp_path, cls, name, kw):
         outd = bbd(x)
     assert [o.shape for o in outd] == [o.shape for o in ref]
     assert not torch.allclose(outd[0], ref[0])
-    for i, stage in enumerate(bbd._stages()):
+    for i, stage in enumerate(bbd.model.layers if cls is AgentSwinTransformer else bbd.model.stages):
         for m in stage.modules():
             if isinstance(m, AgentAttention):
                 assert tuple(m.agent_hw) == shapes[i]

@@ -17,9 +17,9 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.registry import DefaultScope  # noqa: E402
 
 import vitzoo.mmseg  # noqa: E402,F401
-from vitzoo._mm import TAPFAN  # noqa: E402
+from vitzoo.mm import TAPFAN  # noqa: E402
 from vitzoo.losses.adl import attention_diversification_loss  # noqa: E402
-from vitzoo.models._helpers import CheckpointError  # noqa: E402
+from vitzoo.models import CheckpointError  # noqa: E402
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEMO = osp.join(ROOT, 'configs/mmseg/segformer_tap-fan-b-hybrid_cityscapes_demo.py')
@@ -89,7 +89,8 @@ def test_tapfan_features_equal_timm_model(tmp_path):
         bb.pop_attention()  # consumed
     with torch.no_grad():
         bb(x)
-    assert bb._attn is None  # nothing kept outside record_attention()
+    with pytest.raises(RuntimeError, match='record_attention'):
+        bb.pop_attention()  # nothing kept outside record_attention()
 
 
 def test_tapfan_any_size_and_checkpoints(tmp_path):
@@ -240,7 +241,8 @@ def test_loss_ad_options_and_unchanged_inference():
         a = model.predict(batch['inputs'], batch['data_samples'])
         b = plain.predict(batch['inputs'], _batch(plain, train=False)['data_samples'])
     assert torch.equal(a[0].seg_logits.data, b[0].seg_logits.data)
-    assert model.backbone._attn is None
+    with pytest.raises(RuntimeError, match='record_attention'):
+        model.backbone.pop_attention()
     # the official optimizer groups: decode head lr x10, no decay on norms, none of the backbone matched as 'head'
     from mmengine.optim import build_optim_wrapper
     wrapper = build_optim_wrapper(model, Config.fromfile(DEMO).optim_wrapper)

@@ -15,29 +15,23 @@ The log says which layout the backbone was loaded from; a checkpoint without bac
 whose backbone tensors do not fit (the error names the keys), instead of testing a randomly initialised backbone.
 """
 import argparse
-import os
-import os.path as osp
-import sys
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+try:
+    import vitzoo  # noqa: F401
+except ModuleNotFoundError as e:  # the tools use the installed package
+    raise SystemExit('vitzoo is not installed: `pip install -e .` in the vitzoo checkout') if e.name == 'vitzoo' else e
+from vitzoo.mm import add_runner_args, build_runner, load_config, parse_runner_args, trusted_checkpoints
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from mmengine.config import DictAction
     p = argparse.ArgumentParser(description='Test (evaluate) a detector / segmentor (mmengine Runner)')
     p.add_argument('config', help='config file')
     p.add_argument('checkpoint', help='checkpoint file')
-    p.add_argument('--work-dir', help='where the evaluation logs go')
     p.add_argument('--out', help='dump the raw predictions to this pickle file')
     p.add_argument('--trust-checkpoint', action='store_true',
                    help='allow a full unpickle of CHECKPOINT if the weights-only load refuses it')
-    p.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config entries, key=value')
-    p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
-    p.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = p.parse_args(argv)
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    return args
+    add_runner_args(p, 'where the evaluation logs go')
+    return parse_runner_args(p, argv)
 
 
 def backbone_load_report(model: 'torch.nn.Module') -> str:
@@ -62,11 +56,7 @@ def backbone_load_report(model: 'torch.nn.Module') -> str:
 
 def main(argv=None):
     args = parse_args(argv)
-    from mmengine.config import Config
     from mmengine.hooks import Hook
-    from mmengine.registry import RUNNERS
-    from mmengine.runner import Runner
-    from vitzoo._mm import trusted_checkpoints
 
     class _BackboneLoadReport(Hook):
         """Logs :func:`backbone_load_report` (``before_test`` runs right after the Runner loaded CHECKPOINT)."""
@@ -74,14 +64,7 @@ def main(argv=None):
         def before_test(self, runner) -> None:
             runner.logger.info(backbone_load_report(runner.model))
 
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.work_dir:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir') is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg = load_config(args.config, args.launcher, args.cfg_options, args.work_dir)
     cfg.load_from = args.checkpoint
     cfg.resume = False
     # the backbone's ImageNet init is pointless (and may be unavailable) when a full checkpoint is loaded
@@ -91,7 +74,7 @@ def main(argv=None):
     if args.out:
         cfg.test_evaluator = [cfg.test_evaluator] if isinstance(cfg.test_evaluator, dict) else list(cfg.test_evaluator)
         cfg.test_evaluator.append(dict(type='DumpResults', out_file_path=args.out))
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+    runner = build_runner(cfg)
     runner.register_hook(_BackboneLoadReport(), priority='VERY_HIGH')
     with trusted_checkpoints(cfg.work_dir, files=[args.checkpoint] if args.trust_checkpoint else ()):
         metrics = runner.test()

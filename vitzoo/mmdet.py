@@ -1,10 +1,9 @@
 """mmdet 3.x integration: ``custom_imports=dict(imports=['vitzoo.mmdet'], allow_failed_imports=False)``.
 
 Registers the vitzoo backbones (``AgentPVT``, ``AgentSwinTransformer``, ``AgentCSwin``, ``TAPFAN``) in mmengine's
-root model registry, where mmdet's ``MODELS`` finds them; see :mod:`vitzoo._mm`. Imports mmengine (and this module
-only).
+root model registry, where mmdet's ``MODELS`` finds them; see :mod:`vitzoo.mm`. Imports mmengine (not mmdet).
 """
-from vitzoo._mm import (  # noqa: F401
+from vitzoo.mm import (  # noqa: F401
     NO_DECAY_KEYS, TAPFAN, AgentCSwin, AgentPVT, AgentSwinTransformer, load_checkpoint_file, paramwise_no_decay,
     trusted_checkpoints)
 

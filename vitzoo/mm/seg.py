@@ -7,7 +7,7 @@ encoder_decoder.py``, a fork of mmseg 0.13).
 The official segmentor forks mmseg's ``EncoderDecoder``: its backbone returns ``(feats, attn)`` in training and the
 ADL of the attention maps is added to the decode losses as ``loss_ad`` (``train_cfg=dict(adloss=1)`` is only a flag,
 the weight is 1). Here :class:`ADLEncoderDecoder` subclasses mmseg 1.x's own ``EncoderDecoder`` and changes only
-``loss()``: the backbone (:class:`vitzoo._mm.TAPFAN`, or any backbone with ``record_attention()`` /
+``loss()``: the backbone (:class:`vitzoo.mm.TAPFAN`, or any backbone with ``record_attention()`` /
 ``pop_attention()``) keeps its attention maps for that one forward, and ``loss_ad = loss_weight * ADL(maps)`` is added
 to the loss dict. Prediction, ``_forward`` and slide / whole inference are mmseg's, with fused attention.
 
@@ -35,6 +35,7 @@ from mmseg.models.utils import resize
 from mmseg.registry import MODELS
 
 from vitzoo.losses.adl import AttentionDiversificationLoss
+from .checkpoint import PretrainedInitMixin, fit_problems, read_state_dict
 
 __all__ = ['ADLEncoderDecoder', 'SegFormerMLPHead']
 
@@ -86,7 +87,7 @@ class _LinearEmbed(nn.Module):
 
 
 @MODELS.register_module()
-class SegFormerMLPHead(BaseDecodeHead):
+class SegFormerMLPHead(PretrainedInitMixin, BaseDecodeHead):
     """The SegFormer all-MLP decode head of the official TAP + ADL segmentation (mmseg 0.x ``SegFormerHead``).
 
     For maps c1..c4 (finest first): a Linear per map to ``embed_dim`` channels (``linear_c{i}.proj``), c2..c4
@@ -155,37 +156,17 @@ class SegFormerMLPHead(BaseDecodeHead):
             y = self.dropout(y)
         return self.linear_pred(y)
 
-    def init_weights(self) -> None:
-        """mm init; ``init_cfg=dict(type='Pretrained', checkpoint=...)`` loads a segmentation checkpoint's head."""
-        cfg = self.init_cfg
-        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained' and cfg.get('checkpoint'):
-            self.load_pretrained(cfg['checkpoint'], prefix=cfg.get('prefix'))
-            self._is_init = True
-            return
-        super().init_weights()
-
     def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None) -> None:
         """Load the head of a segmentation checkpoint (official or mm; strict: every key and shape must fit).
 
         Args:
-            checkpoint: Path or URL (local files are read weights-only, see :func:`vitzoo._mm.load_checkpoint_file`).
+            checkpoint: Path or URL (local files are read weights-only, see :func:`vitzoo.mm.load_checkpoint_file`).
             prefix: Take the keys under this prefix; 'decode_head.' when the checkpoint has such keys.
         """
-        from vitzoo._mm import _read_checkpoint
-        from vitzoo.models._helpers import unwrap_state_dict
-        state_dict = unwrap_state_dict(_read_checkpoint(checkpoint))
-        if prefix is None and any(k.startswith('decode_head.') for k in state_dict):
-            prefix = 'decode_head.'
-        if prefix:
-            state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        own = self.state_dict()
-        missing = [k for k in own if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in own]
-        shapes = [f'{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state_dict.items()
-                  if k in own and v.shape != own[k].shape]
-        if missing or unexpected or shapes:
+        state_dict, prefix = read_state_dict(checkpoint, prefix, 'decode_head.')
+        problems = fit_problems(self.state_dict(), state_dict, limit=5)
+        if problems:
             raise RuntimeError(f'SegFormerMLPHead: checkpoint {os.path.basename(str(checkpoint))} (prefix '
-                               f'{prefix!r}) does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}, '
-                               f'shapes {shapes[:5]}')
+                               f'{prefix!r}) does not fit: ' + '; '.join(problems))
         self.load_state_dict(state_dict, strict=True)
         MMLogger.get_current_instance().info(f'SegFormerMLPHead: loaded {len(state_dict)} tensors of {checkpoint}')

@@ -5,7 +5,7 @@ The backbones are thin wrappers: each holds the vitzoo timm model (``self.model`
 attention exists only in ``vitzoo.layers`` / ``vitzoo.models``. They are registered in mmengine's root ``MODELS``
 registry, which mmdet's and mmseg's registries search through their parent chain (``type='AgentPVT'`` works in
 both). ``TAPFAN`` (the TAP-FAN hybrid of TAP + ADL, official ``TAPADL_FAN/segmentation``) is documented on its class;
-its ADL segmentor ``ADLEncoderDecoder`` lives in :mod:`vitzoo._mm_seg` (mmseg only).
+its ADL segmentor ``ADLEncoderDecoder`` lives in :mod:`vitzoo.mm.seg` (mmseg only).
 
 Dense-task behaviour of the official downstream backbones (``downstream/{detection,segmentation}``):
 
@@ -26,7 +26,8 @@ that are not multiples of 7 give slightly different features than the official d
 
 Pretrained ImageNet weights: ``init_cfg=dict(type='Pretrained', checkpoint=PATH_OR_URL)`` accepts official or vitzoo
 classification checkpoints (mapped with the family's ``checkpoint_filter_fn``) and full mm checkpoints of these
-backbones (``backbone.`` keys, or any ``prefix=``). Local files are read with ``torch.load(weights_only=True)``.
+backbones (``backbone.`` keys, or any ``prefix=``). Local files are read weights-only
+(:func:`vitzoo.mm.load_checkpoint_file`).
 
 Released official detection / segmentation checkpoints (mmdet 2.x / mmseg 0.x, official backbone key names such as
 ``backbone.patch_embed1.*``, ``backbone.layers.0.downsample.*``, ``backbone.norm0.*``) load wherever a state dict is
@@ -35,13 +36,10 @@ loaded into a backbone (``load_from``, ``Runner.load_checkpoint``, ``tools/mm_te
 code ``init_cfg`` uses, and raises :class:`~vitzoo.models.CheckpointError` naming the keys that do not fit, where
 mmengine's non-strict load would only warn and leave a randomly initialised backbone.
 
-Import this module only through ``vitzoo.mmdet`` / ``vitzoo.mmseg`` (or mm ``custom_imports``): importing ``vitzoo``
-itself never imports mmengine.
+Imported by :mod:`vitzoo.mm` (and so by ``vitzoo.mmdet`` / ``vitzoo.mmseg``, the modules mm ``custom_imports``
+name); importing ``vitzoo`` itself never imports mmengine.
 """
-import contextlib
-import os
-import pickle
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, ContextManager, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -51,136 +49,46 @@ from mmengine.model import BaseModule
 from mmengine.registry import MODELS
 
 import timm
-from timm.models import checkpoint
 
 import vitzoo.models  # noqa: F401  (registers the vitzoo timm models)
 from vitzoo.layers.agent_attention import AgentAttention
-from vitzoo.models import agent_cswin, agent_pvt, agent_swin
+from vitzoo.models import CheckpointError, agent_cswin, agent_pvt, agent_swin
 from vitzoo.models import fan as fan_models
+from .checkpoint import PretrainedInitMixin, fit_problems, read_state_dict
 
-__all__ = ['AgentPVT', 'AgentSwinTransformer', 'AgentCSwin', 'TAPFAN', 'NO_DECAY_KEYS', 'paramwise_no_decay',
-           'trusted_checkpoints', 'load_checkpoint_file']
-
-# Parameter-name fragments without weight decay in the official dense configs (mmengine ``custom_keys`` match
-# substrings): norms, position tables and the six agent biases.
-NO_DECAY_KEYS = ('absolute_pos_embed', 'pos_embed', 'relative_position_bias_table', 'norm',
-                 'an_bias', 'na_bias', 'ah_bias', 'aw_bias', 'ha_bias', 'wa_bias')
+__all__ = ['AgentPVT', 'AgentSwinTransformer', 'AgentCSwin', 'TAPFAN']
 
 
-def paramwise_no_decay() -> Dict[str, Any]:
-    """``optim_wrapper.paramwise_cfg`` with ``decay_mult=0`` for :data:`NO_DECAY_KEYS`."""
-    return dict(custom_keys={k: dict(decay_mult=0.0) for k in NO_DECAY_KEYS})
-
-
-# ---- checkpoint reading -------------------------------------------------------------------------------------------
-
-def _runner_safe_globals() -> List[Any]:
-    """Globals an mmengine Runner checkpoint needs that are plain data (numpy scalars / dtypes, mmengine buffers)."""
-    import numpy as np
-    out: List[Any] = []
-    try:
-        from numpy._core.multiarray import scalar
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import scalar
-    out += [scalar, np.dtype, np.ndarray]
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:
-        from numpy.core.multiarray import _reconstruct
-    out.append(_reconstruct)
-    out += [type(np.dtype(t)) for t in ('float64', 'float32', 'int64', 'int32', 'bool', 'uint8')]
-    from mmengine.logging.history_buffer import HistoryBuffer
-    out.append(HistoryBuffer)
-    return out
-
-
-def load_checkpoint_file(path: str, map_location: Any = 'cpu', trusted: bool = False) -> Any:
-    """Read a local checkpoint with ``torch.load(weights_only=True)``.
-
-    Numpy scalars / dtypes and mmengine's ``HistoryBuffer`` (found in Runner checkpoints) are allow-listed for this
-    call only. A file that still needs other globals is unpickled fully only when ``trusted`` (a checkpoint the
-    Runner wrote itself, see :func:`trusted_checkpoints`); otherwise a ``pickle.UnpicklingError`` explains why.
-    """
-    try:
-        with torch.serialization.safe_globals(_runner_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if not trusted:
-            raise pickle.UnpicklingError(
-                f'{path} needs globals outside the weights-only allow-list ({e}); vitzoo does not unpickle '
-                f'untrusted files. Re-save its state_dict (torch.save(ckpt["state_dict"])) or, for a checkpoint '
-                f'written by your own mm_train run, pass --trust-checkpoint to tools/mm_test.py.') from e
-        return torch.load(path, map_location=map_location, weights_only=False)
-
-
-def _is_under(path: str, folders: Sequence[str]) -> bool:
-    path = os.path.realpath(path)
-    for d in folders:
-        d = os.path.realpath(d)
-        if os.path.commonpath([path, d]) == d:
-            return True
-    return False
-
-
-@contextlib.contextmanager
-def trusted_checkpoints(*folders: str, files: Sequence[str] = ()) -> Iterator[None]:
-    """While active, mmengine reads local checkpoints through :func:`load_checkpoint_file`.
-
-    Files under ``folders`` (the Runner's own work_dir) or listed in ``files`` may be fully unpickled if the
-    weights-only load fails (torch >= 2.6 refuses mmengine's message-hub / numpy metadata); every other file stays
-    weights-only. mmengine's loader is restored on exit, so nothing changes globally.
-    """
-    from mmengine.runner.checkpoint import CheckpointLoader
-    schemes = CheckpointLoader._schemes
-    previous = schemes.get('')
-    allowed = [os.path.realpath(f) for f in files]
-
-    def _load_local(filename: str, map_location: Any = None, logger: Any = None) -> Any:
-        filename = os.path.expanduser(filename)
-        if not os.path.isfile(filename):
-            raise FileNotFoundError(f'{filename} can not be found.')
-        trusted = _is_under(filename, folders) or os.path.realpath(filename) in allowed
-        return load_checkpoint_file(filename, map_location=map_location, trusted=trusted)
-
-    schemes[''] = _load_local
-    try:
-        yield
-    finally:
-        if previous is None:
-            schemes.pop('', None)
-        else:
-            schemes[''] = previous
-
-
-def _read_checkpoint(path: str) -> Any:
-    if os.path.isfile(os.path.expanduser(path)):
-        return load_checkpoint_file(os.path.expanduser(path))
-    from mmengine.runner.checkpoint import CheckpointLoader  # URLs and other mmengine schemes
-    return CheckpointLoader.load_checkpoint(path, map_location='cpu')
-
-
-# ---- backbones ----------------------------------------------------------------------------------------------------
-
-class _TimmBackbone(BaseModule):
+class _TimmBackbone(PretrainedInitMixin, BaseModule):
     """Shared part of the backbones: build the vitzoo timm model, load weights, keep frozen parts in eval mode."""
 
     _filter_fn = None        # the family's checkpoint_filter_fn
     _default_model = ''
+    _out_kind = 'stage'      # what out_indices index (for the error message)
+    _pad_input = True        # zero-pad to a multiple of the patch size (False: crop, PVT's floor)
+    _patch = 4
 
     def __init__(
             self,
             model_name: Optional[str],
             create_kwargs: Dict[str, Any],
+            out_indices: Sequence[int],
             frozen_stages: int = -1,
             norm_eval: bool = False,
             pretrained: Optional[str] = None,
             init_cfg: Optional[Union[dict, List[dict]]] = None,
     ):
+        out_indices = tuple(int(i) for i in out_indices)
+        if not out_indices or min(out_indices) < 0 or max(out_indices) > 3:
+            raise ValueError(f'{type(self).__name__}: out_indices must be {self._out_kind} indices in 0..3, '
+                             f'got {out_indices}')
+        self.out_indices = out_indices
         if pretrained is not None:
             if init_cfg is not None:
                 raise ValueError(f'{type(self).__name__}: pass pretrained or init_cfg, not both')
             init_cfg = dict(type='Pretrained', checkpoint=pretrained)
         super().__init__(init_cfg=init_cfg)
+        self.out_indices = out_indices
         self.model_name = model_name or self._default_model
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
@@ -194,6 +102,16 @@ class _TimmBackbone(BaseModule):
     def _freeze_stages(self) -> None:
         pass
 
+    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        p = self._patch
+        H, W = x.shape[-2:]
+        if self._pad_input:
+            if H % p or W % p:
+                x = F.pad(x, (0, (-W) % p, 0, (-H) % p))
+        elif H % p or W % p:
+            x = x[..., :H - H % p, :W - W % p]
+        return x
+
     def train(self, mode: bool = True) -> 'nn.Module':
         """Train mode that keeps frozen stages (and, with ``norm_eval``, BatchNorms) in eval mode."""
         super().train(mode)
@@ -205,15 +123,6 @@ class _TimmBackbone(BaseModule):
         return self
 
     # weights
-    def init_weights(self) -> None:
-        """mm init; ``init_cfg=dict(type='Pretrained', checkpoint=...)`` loads classification or mm checkpoints."""
-        cfg = self.init_cfg
-        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained' and cfg.get('checkpoint'):
-            self.load_pretrained(cfg['checkpoint'], prefix=cfg.get('prefix'))
-            self._is_init = True
-            return
-        super().init_weights()
-
     def _complete_classification(self, state_dict: Dict[str, torch.Tensor],
                                  full: nn.Module) -> Dict[str, torch.Tensor]:
         """Fill the final norm (``norm.*``) a checkpoint lacks, before the family's filter checks every key.
@@ -264,19 +173,10 @@ class _TimmBackbone(BaseModule):
     def _check_fit(self, state_dict: Dict[str, torch.Tensor], where: str,
                    allow_missing: Sequence[str] = ()) -> None:
         """One :class:`~vitzoo.models.CheckpointError` naming every missing / unexpected / mis-shaped key."""
-        from vitzoo.models._helpers import CheckpointError
-        own = self.state_dict()
-        allow = tuple(allow_missing)
-        missing = [k for k in own if k not in state_dict and not (allow and k.startswith(allow))]
-        unexpected = [k for k in state_dict if k not in own]
-        shapes = [f'{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} here'
-                  for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
-        if missing or unexpected or shapes:
-            parts = [f'{label} {items[:8]}' + (f' (and {len(items) - 8} more)' if len(items) > 8 else '')
-                     for label, items in (('missing', missing), ('unexpected', unexpected), ('shapes', shapes))
-                     if items]
+        problems = fit_problems(self.state_dict(), state_dict, allow_missing)
+        if problems:
             raise CheckpointError(f'{type(self).__name__} ({self.model_name}): {where} does not fit the backbone: '
-                                  + '; '.join(parts))
+                                  + '; '.join(problems))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
@@ -313,13 +213,7 @@ class _TimmBackbone(BaseModule):
                 detector / segmentor checkpoints.
         """
         logger = MMLogger.get_current_instance()
-        ckpt = _read_checkpoint(checkpoint)
-        from vitzoo.models._helpers import unwrap_state_dict
-        state_dict = unwrap_state_dict(ckpt)
-        if prefix is None and any(k.startswith('backbone.') for k in state_dict):
-            prefix = 'backbone.'
-        if prefix:
-            state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        state_dict, _ = read_state_dict(checkpoint, prefix, 'backbone.')
         if any(k.startswith('model.') for k in state_dict):
             # a checkpoint of this wrapper: _load_from_state_dict checks that every key fits
             self.load_state_dict(state_dict, strict=True)
@@ -345,8 +239,6 @@ class _AgentBackbone(_TimmBackbone):
     """Common part: build the timm model, set the agent grids, run ``forward_intermediates``, load weights."""
 
     _default_out_norms = False
-    _pad_input = True        # zero-pad to a multiple of the patch size (False: crop, PVT's floor)
-    _patch = 4
 
     def __init__(
             self,
@@ -363,13 +255,9 @@ class _AgentBackbone(_TimmBackbone):
             init_cfg: Optional[Union[dict, List[dict]]] = None,
             **model_kwargs,
     ):
-        out_indices = tuple(int(i) for i in out_indices)
-        if not out_indices or min(out_indices) < 0 or max(out_indices) > 3:
-            raise ValueError(f'{type(self).__name__}: out_indices must be stage indices in 0..3, got {out_indices}')
         create_kwargs = {**self._model_defaults(), **model_kwargs, 'img_size': img_size,
                          'drop_path_rate': drop_path_rate}
-        super().__init__(model_name, create_kwargs, frozen_stages, norm_eval, pretrained, init_cfg)
-        self.out_indices = out_indices
+        super().__init__(model_name, create_kwargs, out_indices, frozen_stages, norm_eval, pretrained, init_cfg)
         self.num_stages = len(self._stages())
         self._prune()
         if with_cp:
@@ -381,7 +269,6 @@ class _AgentBackbone(_TimmBackbone):
         if self.out_norms:
             for i in self.out_indices:
                 self.add_module(f'norm{i}', nn.LayerNorm(channels[i]))
-        self._adapt_dense()
         self._freeze_stages()
 
     # family hooks
@@ -397,9 +284,6 @@ class _AgentBackbone(_TimmBackbone):
 
     def _stem(self) -> nn.Module:
         return self.model.get_submodule(self._stem_path)
-
-    def _adapt_dense(self) -> None:
-        pass
 
     def _prune(self) -> None:
         # Drop the classifier, the final norm and stages after the last output (no unused parameters under DDP).
@@ -436,16 +320,6 @@ class _AgentBackbone(_TimmBackbone):
 
     def _stem_params(self) -> List[nn.Parameter]:
         return []
-
-    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        p = self._patch
-        H, W = x.shape[-2:]
-        if self._pad_input:
-            if H % p or W % p:
-                x = F.pad(x, (0, (-W) % p, 0, (-H) % p))
-        elif H % p or W % p:
-            x = x[..., :H - H % p, :W - W % p]
-        return x
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """Stage maps (B, C_i, H_i, W_i) for ``out_indices``."""
@@ -500,15 +374,10 @@ class AgentSwinTransformer(_AgentBackbone):
     _default_out_norms = True
     _stages_path = 'layers'
 
-    def _adapt_dense(self) -> None:
-        # The official downstream Swin shifts every odd window block, also where the classification model (built at
-        # 224) disabled the shift because its construction map was no larger than the window.
-        for stage in self.model.layers:
-            for j, blk in enumerate(stage.blocks):
-                if not blk.is_agent and j % 2 == 1 and blk.shift_size == 0:
-                    blk.shift_size = blk.window_size // 2
-                    window, shift = blk._window_shift(*blk.input_resolution)
-                    blk.attn_mask = agent_swin.window_attn_mask(blk.input_resolution, window, shift)
+    def _model_defaults(self) -> Dict[str, Any]:
+        # the official downstream Swin shifts every odd window block, also where the classification model (built
+        # at 224) does not because its construction map is no larger than the window
+        return dict(always_shift=True)
 
 
 @MODELS.register_module()
@@ -541,7 +410,7 @@ class TAPFAN(_TimmBackbone):
 
     Attention maps for ADL: inside ``with backbone.record_attention():`` the forward also keeps the post-softmax
     map (B, heads, N, N) of every FAN block (then computed explicitly instead of by fused SDPA), and
-    :meth:`pop_attention` returns them; :class:`vitzoo._mm_seg.ADLEncoderDecoder` adds them to the loss as ``loss_ad``.
+    :meth:`pop_attention` returns them; :class:`vitzoo.mm.ADLEncoderDecoder` adds them to the loss as ``loss_ad``.
     Outside it the forward is the plain feature extractor (the official backbone returns ``(feats, attn)`` in train
     mode and feats in eval mode).
 
@@ -587,11 +456,8 @@ class TAPFAN(_TimmBackbone):
             init_cfg: Optional[Union[dict, List[dict]]] = None,
             **model_kwargs,
     ):
-        out_indices = tuple(int(i) for i in out_indices)
-        if not out_indices or min(out_indices) < 0 or max(out_indices) > 3:
-            raise ValueError(f'TAPFAN: out_indices must be map indices in 0..3, got {out_indices}')
         create_kwargs = {**model_kwargs, 'img_size': img_size, 'drop_path_rate': drop_path_rate}
-        super().__init__(model_name, create_kwargs, frozen_stages, norm_eval, pretrained, init_cfg)
+        super().__init__(model_name, create_kwargs, out_indices, frozen_stages, norm_eval, pretrained, init_cfg)
         m = self.model
         if not isinstance(m.patch_embed, fan_models.HybridEmbed) or len(m.patch_embed.backbone.stages) != 2:
             raise ValueError(f'TAPFAN wraps the hybrid FAN models (2-stage ConvNeXt stem, *_p4_hybrid); '
@@ -600,7 +466,7 @@ class TAPFAN(_TimmBackbone):
         self.block_index = depth - 1 if block_index is None else int(block_index)
         if not 0 <= self.block_index < depth:
             raise ValueError(f'TAPFAN: block_index must be in 0..{depth - 1}, got {block_index}')
-        self.out_indices = out_indices
+        self._patch = m.patch_size
         # unused by the dense outputs: the final norm and the classifier, and the class-attention part if map 3 is
         # not asked for (no unused parameters under DDP)
         m.norm = nn.Identity()
@@ -619,9 +485,7 @@ class TAPFAN(_TimmBackbone):
         stem = m.patch_embed.backbone
         channels = [stem.stem[0].out_channels, stem.num_features, m.feature_info[self.block_index]['num_chs'],
                     m.num_features]
-        self.num_features = [channels[i] for i in out_indices]
-        self._record = False
-        self._attn: Optional[List[torch.Tensor]] = None
+        self.num_features = [channels[i] for i in self.out_indices]
         self._freeze_stages()
 
     def _stage_modules(self) -> List[List[nn.Module]]:
@@ -644,58 +508,24 @@ class TAPFAN(_TimmBackbone):
         for p in params:
             p.requires_grad = False
 
-    @contextlib.contextmanager
-    def record_attention(self) -> Iterator[None]:
+    def record_attention(self) -> ContextManager[None]:
         """While active, each forward keeps every FAN block's attention map for :meth:`pop_attention`."""
-        previous = self._record
-        self._record = True
-        try:
-            yield
-        finally:
-            self._record = previous
+        return self.model.record_attention()
 
     def pop_attention(self) -> List[torch.Tensor]:
         """The attention maps (one (B, heads, N, N) per FAN block) of the last recorded forward; clears them."""
-        attn, self._attn = self._attn, None
-        if attn is None:
-            raise RuntimeError('TAPFAN.pop_attention: no forward ran inside record_attention()')
-        return attn
+        return self.model.pop_attention()
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """Maps (B, C_i, H_i, W_i) for ``out_indices``."""
-        m = self.model
         H, W = x.shape[-2:]
-        p = m.patch_size
-        if H % p or W % p:
-            x = F.pad(x, (0, (-W) % p, 0, (-H) % p))
+        x = self._prepare_input(x)
         Hp, Wp = x.shape[-2:]
-        stem = m.patch_embed.backbone
-        y = stem.stem(x)
-        maps = []
-        for stage in stem.stages:
-            y = stage(y)
-            maps.append(y)
-        y = m.patch_embed.proj(y)
-        B, C, h, w = y.shape
-        t = y.flatten(2).transpose(1, 2)
-        if m.pos_embed is not None:
-            t = t + m.pos_embed(B, h, w).flatten(2).transpose(1, 2)
-        t = m.pos_drop(t)
-        hw, record, attns = (h, w), self._record, []
-        last = len(m.blocks) - 1 if (record or 3 in self.out_indices) else max(self.block_index, 0)
-        for i, blk in enumerate(m.blocks[:last + 1]):
-            t, attn, hw = m._run_block(blk, t, hw, record)
-            if record:
-                attns.append(attn)
-            if i == self.block_index:
-                maps.append(t.transpose(1, 2).reshape(B, -1, hw[0], hw[1]))
-        if 3 in self.out_indices:
-            t = torch.cat([m.cls_token.expand(B, -1, -1), t], dim=1)
-            for blk in m.cls_attn_blocks:
-                t = checkpoint(blk, t) if m.grad_checkpointing else blk(t)
-            maps.append(t[:, 1:].transpose(1, 2).reshape(B, -1, hw[0], hw[1]))
-        if record:
-            self._attn = attns
+        # ADL needs every block's attention map, map 3 every block's output
+        every_block = self.model.recording_attention or 3 in self.out_indices
+        maps = self.model.forward_intermediates(
+            x, indices=[self.block_index], stop_early=not every_block, intermediates_only=True, stem=True,
+            cls_attn=3 in self.out_indices)
         outs = []
         for i in self.out_indices:
             f = maps[i]
