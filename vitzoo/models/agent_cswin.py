@@ -37,24 +37,23 @@ model uses them. Written for vitzoo.
 """
 import logging
 import re
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, to_2tuple, trunc_normal_, use_fused_attn
+from timm.layers import DropPath, to_2tuple, use_fused_attn
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 
 from vitzoo.layers.agent_attention import AgentAttention, split_qkv
 from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.layers.windows import pad_to_windows, padded_key_mask, window_padding, window_partition, window_reverse
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
 from ._helpers import Mlp, adapt_submodules, check_state_dict, unwrap_state_dict
+from ._hierarchical import HierarchicalShell, agent_cfg, stage_agent_blocks, stage_build_kwargs
 
-__all__ = ['AgentCSWinTransformer']
+__all__ = ['AgentCSwinTransformer', 'AgentCSWinTransformer']
 
 _logger = logging.getLogger(__name__)
 
@@ -305,16 +304,8 @@ def _per_stage(value: Union[int, str, Sequence[int], None], name: str) -> Option
     return value
 
 
-def _stage_attn_types(attn_type: str, depths: Sequence[int]) -> List[List[str]]:
-    """Per-block 'A' / 'B' from the official string: one letter per stage, 'M' = first ``attn_type[4:]`` blocks 'A'."""
-    if len(attn_type) < 4 or any(t not in 'ABM' for t in attn_type[:4]):
-        raise ValueError(f"attn_type must be 4 letters of 'A', 'B', 'M' (+ an agent block count), got {attn_type!r}")
-    n_agent = int(attn_type[4:]) if 'M' in attn_type[:4] else 0
-    return [[t if t != 'M' else ('A' if j < n_agent else 'B') for j in range(d)] for t, d in zip(attn_type, depths)]
-
-
-class AgentCSWinTransformer(nn.Module):
-    """CSwin Transformer with agent attention in the 'A' stages.
+class AgentCSwinTransformer(HierarchicalShell):
+    """CSwin Transformer with agent attention in the 'A' stages; stages output (B, h, w, C) maps.
 
     Args:
         img_size: Construction resolution (sets the agent bias windows; other sizes run too).
@@ -340,6 +331,8 @@ class AgentCSWinTransformer(nn.Module):
         act_layer: MLP activation.
     """
 
+    stride_name = 'stem stride'
+
     def __init__(
             self,
             img_size: Union[int, Tuple[int, int]] = 224,
@@ -364,9 +357,7 @@ class AgentCSWinTransformer(nn.Module):
             act_layer: Optional[Callable] = None,
             **kwargs,
     ):
-        super().__init__()
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        super().__init__(num_classes, global_pool)
         norm_layer = norm_layer or nn.LayerNorm
         act_layer = act_layer or nn.GELU
         depth = list(depth)
@@ -376,155 +367,38 @@ class AgentCSWinTransformer(nn.Module):
         split_size = _per_stage(split_size, 'split_size')
         la_split_size = _per_stage(la_split_size, 'la_split_size')
         agent_num = _per_stage(agent_num, 'agent_num')
-        attn_types = _stage_attn_types(attn_type, depth)
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.output_fmt = 'NHWC'
-        self.grad_checkpointing = False
+        agent_blocks = stage_agent_blocks(attn_type, depth)
+        self.patch_size = _STEM_STRIDE  # inputs must be multiples of the stem's stride (``patch_size`` is ignored)
 
         self.patch_embed = ConvStem(in_chans, embed_dim, norm_layer=norm_layer)
         img_size = to_2tuple(img_size)
         res = (img_size[0] // _STEM_STRIDE, img_size[1] // _STEM_STRIDE)
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, sum(depth), device='cpu')]
+        dpr = self._drop_path_rates(drop_path_rate, depth)
         dims = [embed_dim * 2 ** i for i in range(4)]
-        stages, self.feature_info, cursor = [], [], 0
+        stages, self.feature_info = [], []
         for i in range(4):
             if i > 0:
                 res = ((res[0] + 1) // 2, (res[1] + 1) // 2)  # stride-2 conv, pad 1: ceil
             blocks = []
-            for j, t in enumerate(attn_types[i]):
+            for j in range(depth[i]):
+                t = 'A' if j < agent_blocks[i] else 'B'
                 split = (la_split_size[i] if la_split_size is not None else max(res)) if t == 'A' else split_size[i]
                 blocks.append(CSWinBlock(
                     dims[i], num_heads[i], resolution=res, attn_type=t, split_size=split, last_stage=i == 3,
                     agent_num=agent_num[i], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
-                    attn_drop=attn_drop_rate, drop_path=dpr[cursor + j], act_layer=act_layer, norm_layer=norm_layer))
-            cursor += depth[i]
+                    attn_drop=attn_drop_rate, drop_path=dpr[i][j], act_layer=act_layer, norm_layer=norm_layer))
             downsample = MergeBlock(dims[i - 1], dims[i], norm_layer=norm_layer) if i > 0 else None
             stages.append(CSWinStage(downsample, blocks))
             self.feature_info.append(dict(num_chs=dims[i], reduction=_STEM_STRIDE * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = dims[-1]
-        self.norm = norm_layer(self.num_features)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.init_weights()
+        self._init_head(norm_layer(self.num_features), drop_rate)
 
-    def init_weights(self) -> None:
-        """The official init: trunc_normal(.02) Linear with zero bias, unit LayerNorms; convs keep PyTorch's default."""
-        self.apply(_init_weights)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        # The official model lists 'pos_embed' / 'cls_token', which it does not have: nothing is excluded.
-        return set()
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict:
-        return dict(
-            stem=r'^patch_embed',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for s in self.stages:
-            s.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ('avg', ''):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = x.shape[-2:]
-        if H % _STEM_STRIDE or W % _STEM_STRIDE:
-            raise ValueError(
-                f'{type(self).__name__}: input size {H}x{W} is not a multiple of the stem stride {_STEM_STRIDE}')
-        return self.patch_embed(x)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs as (B, C, h, w) maps (or NHWC).
-
-        Args:
-            x: Input images.
-            indices: Take the last n stages if an int, these stages if a list, all if None.
-            norm: Apply the final norm to the last stage's intermediate (the only one with its width).
-            stop_early: Stop after the last selected stage.
-            output_fmt: 'NCHW' or 'NHWC'.
-            intermediates_only: Return only the intermediates.
-        """
-        if output_fmt not in ('NCHW', 'NHWC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        last_idx = len(self.stages) - 1
-        x = self._embed(x)
-        stages = self.stages if not stop_early else self.stages[:max_index + 1]
-        intermediates = []
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                y = self.norm(x) if norm and i == last_idx else x
-                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else y)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages (and optionally norm / head) after the last of ``indices``; returns the kept indices."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images -> normalised (B, h, w, C) map of the last stage."""
-        return self.norm(self.stages(self._embed(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == 'avg':
-            x = x.flatten(1, 2).mean(dim=1)  # mean over tokens, as the official model
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1, 2).mean(dim=1)  # mean over tokens, as the official model
 
 
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+AgentCSWinTransformer = AgentCSwinTransformer  # deprecated spelling
 
 
 _KEY_MAP = (
@@ -543,7 +417,7 @@ def _remap_key(k: str) -> str:
     return k
 
 
-def checkpoint_filter_fn(state_dict: Dict, model: AgentCSWinTransformer) -> Dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: Dict, model: AgentCSwinTransformer) -> Dict[str, torch.Tensor]:
     """Load an official Agent-CSwin checkpoint (official or vitzoo key names) into ``model``.
 
     Renames the official keys (``stage1_conv_embed.{0,2}`` → ``patch_embed.{proj,norm}``, ``stageK.i`` →
@@ -557,40 +431,23 @@ def checkpoint_filter_fn(state_dict: Dict, model: AgentCSWinTransformer) -> Dict
     return out
 
 
-def _create_agent_cswin(variant: str, pretrained: bool = False, **kwargs) -> AgentCSWinTransformer:
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
+def _create_agent_cswin(variant: str, pretrained: bool = False, **kwargs) -> AgentCSwinTransformer:
     return build_model_with_cfg(
-        AgentCSWinTransformer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs)
-
-
-def _cfg(url: str = '', **kwargs) -> Dict:
-    # official eval (agent_transformer/data/build.py build_transform, TEST.CROP True): Resize((s, s)) with
-    # s = int(256 / 224 * img), then CenterCrop(img), bicubic == timm's 'squash' mode at crop_pct 0.875
-    return {
-        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'crop_mode': 'squash', 'interpolation': 'bicubic', 'fixed_input_size': False,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj', 'classifier': 'head',
-        'paper_ids': 'arXiv:2312.08874', 'origin_url': 'https://github.com/LeapLabTHU/Agent-Attention',
-        'license': 'apache-2.0', **kwargs,
-    }
+        AgentCSwinTransformer, variant, pretrained, **stage_build_kwargs(checkpoint_filter_fn, **kwargs))
 
 
 default_cfgs = generate_default_cfgs({
-    'agent_cswin_tiny.in1k': _cfg(**manifest_cfg('agent_cswin_tiny.in1k')),
-    'agent_cswin_small.in1k': _cfg(**manifest_cfg('agent_cswin_small.in1k')),
-    'agent_cswin_base.in1k': _cfg(**manifest_cfg('agent_cswin_base.in1k')),
+    'agent_cswin_tiny.in1k': agent_cfg(**manifest_cfg('agent_cswin_tiny.in1k')),
+    'agent_cswin_small.in1k': agent_cfg(**manifest_cfg('agent_cswin_small.in1k')),
+    'agent_cswin_base.in1k': agent_cfg(**manifest_cfg('agent_cswin_base.in1k')),
     # agent_cswin_b_384.yaml keeps TEST.CROP: Resize((438, 438)) -> CenterCrop(384)
-    'agent_cswin_base_384.in1k': _cfg(
+    'agent_cswin_base_384.in1k': agent_cfg(
         input_size=(3, 384, 384), pool_size=(12, 12), **manifest_cfg('agent_cswin_base_384.in1k')),
 })
 
 
 @register_model
-def agent_cswin_tiny(pretrained: bool = False, **kwargs) -> AgentCSWinTransformer:
+def agent_cswin_tiny(pretrained: bool = False, **kwargs) -> AgentCSwinTransformer:
     """Agent-CSwin-T @ 224 (official ``Agent_CSWin_64_24181_tiny_224``). 20.5M params, 4.3 GFLOPs, 83.1% top-1."""
     model_args = dict(
         embed_dim=64, depth=(2, 4, 18, 1), split_size=(1, 2, 7, 7), num_heads=(2, 4, 8, 16),
@@ -599,7 +456,7 @@ def agent_cswin_tiny(pretrained: bool = False, **kwargs) -> AgentCSWinTransforme
 
 
 @register_model
-def agent_cswin_small(pretrained: bool = False, **kwargs) -> AgentCSWinTransformer:
+def agent_cswin_small(pretrained: bool = False, **kwargs) -> AgentCSwinTransformer:
     """Agent-CSwin-S @ 224 (official ``Agent_CSWin_64_36292_small_224``). 32.8M params, 6.8 GFLOPs, 83.9% top-1."""
     model_args = dict(
         embed_dim=64, depth=(3, 6, 29, 2), split_size=(1, 2, 7, 7), num_heads=(2, 4, 8, 16),
@@ -608,7 +465,7 @@ def agent_cswin_small(pretrained: bool = False, **kwargs) -> AgentCSWinTransform
 
 
 @register_model
-def agent_cswin_base(pretrained: bool = False, **kwargs) -> AgentCSWinTransformer:
+def agent_cswin_base(pretrained: bool = False, **kwargs) -> AgentCSwinTransformer:
     """Agent-CSwin-B @ 224 (official ``Agent_CSWin_96_36292_base_224``). 73.3M params, 14.9 GFLOPs, 84.7% top-1."""
     model_args = dict(
         embed_dim=96, depth=(3, 6, 29, 2), split_size=(1, 2, 7, 7), num_heads=(4, 8, 16, 32),
@@ -617,7 +474,7 @@ def agent_cswin_base(pretrained: bool = False, **kwargs) -> AgentCSWinTransforme
 
 
 @register_model
-def agent_cswin_base_384(pretrained: bool = False, **kwargs) -> AgentCSWinTransformer:
+def agent_cswin_base_384(pretrained: bool = False, **kwargs) -> AgentCSwinTransformer:
     """Agent-CSwin-B @ 384 (official ``Agent_CSWin_96_36292_base_384``, split 12, agent split 96-48-24-12).
     73.3M params, 46.3 GFLOPs, 85.8% top-1."""
     model_args = dict(

@@ -28,24 +28,23 @@ import logging
 import math
 import re
 from functools import partial
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.jit import Final
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import checkpoint, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 
 from vitzoo.layers.agent_attention import AgentAttention
 from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
 from ._helpers import Mlp, adapt_submodules, check_state_dict, sizes_match, unwrap_state_dict
+from ._hierarchical import HierarchicalShell, agent_cfg, stage_build_kwargs
 
-__all__ = ['AgentPVT']
+__all__ = ['AgentPVT', 'AgentPVTStage']
 
 _logger = logging.getLogger(__name__)
 
@@ -183,7 +182,7 @@ class PatchEmbed(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
-class AgentPvtStage(nn.Module):
+class AgentPVTStage(nn.Module):
     """One pyramid stage: patch embedding (conv + LayerNorm eps 1e-5), position embedding, blocks.
 
     Takes and returns (B, C, H, W) maps.
@@ -259,8 +258,9 @@ class AgentPvtStage(nn.Module):
         return x.transpose(1, 2).reshape(B, C, h, w)
 
 
-class AgentPVT(nn.Module):
-    """PVT v1 with agent attention (Agent-PVT).
+class AgentPVT(HierarchicalShell):
+    """PVT v1 with agent attention (Agent-PVT). Stages output (B, C, h, w) maps; there is no final norm (``norm`` is
+    an Identity).
 
     Args:
         img_size: Construction resolution (sets the position embeddings and agent bias windows; others run too).
@@ -285,6 +285,8 @@ class AgentPVT(nn.Module):
         norm_layer: Block norm (default LayerNorm eps 1e-6; the patch embeddings keep eps 1e-5).
         act_layer: MLP activation.
     """
+
+    output_fmt = 'NCHW'
 
     def __init__(
             self,
@@ -311,15 +313,13 @@ class AgentPVT(nn.Module):
             act_layer: Optional[Callable] = None,
             **kwargs,
     ):
-        super().__init__()
+        super().__init__(num_classes, global_pool)
         num_stages = len(depths)
         for name, seq in (('embed_dims', embed_dims), ('num_heads', num_heads), ('mlp_ratios', mlp_ratios),
                           ('sr_ratios', sr_ratios), ('agent_sr_ratios', agent_sr_ratios),
                           ('agent_num', agent_num), ('attn_type', attn_type)):
             if len(seq) < num_stages:
                 raise ValueError(f'AgentPVT: {name} needs one entry per stage ({num_stages}), got {seq!r}')
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
         act_layer = act_layer or nn.GELU
         img_size = to_2tuple(img_size)
@@ -327,20 +327,17 @@ class AgentPVT(nn.Module):
         self.min_size = patch_size * 2 ** (num_stages - 1)
         if img_size[0] % patch_size or img_size[1] % patch_size or min(img_size) < self.min_size:
             raise ValueError(f'AgentPVT: img_size {img_size} must be a multiple of {patch_size} and >= {self.min_size}')
-        self.num_classes = num_classes
-        self.global_pool = global_pool
         self.num_features = self.head_hidden_size = embed_dims[num_stages - 1]
         self.attn_type = attn_type[:num_stages]
-        self.grad_checkpointing = False
 
-        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device='cpu').split(list(depths))]
+        dpr = self._drop_path_rates(drop_path_rate, depths)
         stages = []
         in_chs, size, stride = in_chans, img_size, 1
         self.feature_info = []
         for i in range(num_stages):
             p = patch_size if i == 0 else 2
             kind = attn_type[i]
-            stages.append(AgentPvtStage(
+            stages.append(AgentPVTStage(
                 in_chs, embed_dims[i], input_size=size, patch_size=p, depth=depths[i], pos_drop=pos_drop_rate,
                 drop_path=dpr[i], num_heads=num_heads[i], mlp_ratio=mlp_ratios[i], qkv_bias=qkv_bias,
                 proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, act_layer=act_layer, norm_layer=norm_layer,
@@ -349,20 +346,13 @@ class AgentPVT(nn.Module):
             in_chs, size, stride = embed_dims[i], stages[-1].grid_size, stride * p
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=stride, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.init_weights()
+        self._init_head(nn.Identity(), drop_rate)
 
     def init_weights(self) -> None:
         """The official init: trunc_normal(.02) Linear weights and position embeddings, zero biases, unit norms."""
         for stage in self.stages:
             trunc_normal_(stage.pos_embed, std=.02)
-        self.apply(_init_weights)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> Set[str]:
-        # The official model decays its position embeddings (it lists only a non-existent cls_token).
-        return set()
+        super().init_weights()
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict:
@@ -373,101 +363,12 @@ class AgentPVT(nn.Module):
                 (r'^stages\.(\d+)\.(?:patch_embed|pos_embed)', (0,)),
             ])
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for s in self.stages:
-            s.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ('avg', ''):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        H, W = x.shape[-2:]
-        if H % self.patch_size or W % self.patch_size:
-            raise ValueError(
-                f'{type(self).__name__}: input size {H}x{W} is not a multiple of the patch size {self.patch_size}')
-        if min(H, W) < self.min_size:
-            raise ValueError(f'{type(self).__name__}: input size {H}x{W} is smaller than {self.min_size}')
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs as (B, C, h, w) maps (or (B, h, w, C) with ``output_fmt='NHWC'``).
-
-        Args:
-            x: Input images.
-            indices: Take the last n stages if an int, these stages if a list, all if None.
-            norm: Accepted for the timm interface; Agent-PVT has no final norm, so it changes nothing.
-            stop_early: Stop after the last selected stage.
-            output_fmt: 'NCHW' or 'NHWC'.
-            intermediates_only: Return only the intermediates.
-        """
-        if output_fmt not in ('NCHW', 'NHWC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages if not stop_early else self.stages[:max_index + 1]
-        intermediates = []
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                intermediates.append(x.permute(0, 2, 3, 1) if output_fmt == 'NHWC' else x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages (and optionally the head) after the last of ``indices``; returns the kept indices."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last stage map (B, C, h, w); there is no final norm."""
-        self._check_input(x)
-        return self.stages(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == 'avg':
-            x = x.mean(dim=(2, 3))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+        return x  # every stage embeds its own input
 
 
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+AgentPvtStage = AgentPVTStage  # deprecated spelling
 
 
 _OFFICIAL_KEYS = (
@@ -509,25 +410,11 @@ def checkpoint_filter_fn(state_dict: Dict, model: AgentPVT) -> Dict[str, torch.T
 
 
 def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> AgentPVT:
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
-    return build_model_with_cfg(
-        AgentPVT, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs)
+    return build_model_with_cfg(AgentPVT, variant, pretrained, **stage_build_kwargs(checkpoint_filter_fn, **kwargs))
 
 
 def _cfg(url: str = '', **kwargs) -> Dict:
-    # official eval (agent_transformer/data/build.py build_transform, TEST.CROP True): Resize((s, s)) with
-    # s = int(256 / 224 * img), then CenterCrop(img), bicubic == timm's 'squash' mode at crop_pct 0.875
-    return {
-        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'crop_mode': 'squash', 'interpolation': 'bicubic', 'fixed_input_size': False,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stages.0.patch_embed.proj', 'classifier': 'head',
-        'paper_ids': 'arXiv:2312.08874', 'origin_url': 'https://github.com/LeapLabTHU/Agent-Attention',
-        'license': 'apache-2.0', **kwargs,
-    }
+    return agent_cfg(url, **{'first_conv': 'stages.0.patch_embed.proj', **kwargs})
 
 
 default_cfgs = generate_default_cfgs({

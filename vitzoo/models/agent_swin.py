@@ -36,22 +36,21 @@ checkpointing. Written for vitzoo.
 """
 import logging
 import re
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, PatchEmbed, resize_rel_pos_bias_table_simple, trunc_normal_, use_fused_attn
 from timm.models import checkpoint, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 
 from vitzoo.layers.agent_attention import AgentAttention
 from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.layers.windows import pad_to_windows, padded_key_mask, window_padding, window_partition, window_reverse
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
 from ._helpers import Mlp, adapt_submodules, check_state_dict, unwrap_state_dict
+from ._hierarchical import HierarchicalShell, agent_cfg, stage_agent_blocks, stage_build_kwargs
 
 __all__ = ['AgentSwinTransformer']
 
@@ -324,21 +323,10 @@ class AgentSwinStage(nn.Module):
         return x
 
 
-def _num_agent_blocks(attn_type: str, depths: Sequence[int]) -> List[int]:
-    """Leading agent blocks per stage from the official ``attn_type`` string ('AAAB', 'AAMB2', ...)."""
-    n = len(depths)
-    letters, suffix = attn_type[:n], attn_type[n:]
-    if len(letters) != n or any(c not in 'ABM' for c in letters) or ('M' in letters) != bool(suffix):
-        raise ValueError(f"attn_type must be {n} letters of A/B/M (plus the block count after an 'M'), "
-                         f'got {attn_type!r}')
-    out = []
-    for c, d in zip(letters, depths):
-        out.append(d if c == 'A' else 0 if c == 'B' else min(int(suffix), d))
-    return out
-
-
-class AgentSwinTransformer(nn.Module):
+class AgentSwinTransformer(HierarchicalShell):
     """Swin Transformer with global agent-attention blocks in the stages chosen by ``attn_type``.
+
+    Stages live in ``layers`` (timm's Swin layout) and output (B, H, W, C) maps.
 
     Args:
         img_size: Construction resolution (sizes the agent bias tables and the shift decisions; others run too).
@@ -367,6 +355,8 @@ class AgentSwinTransformer(nn.Module):
         ape: Must be False (no released Agent-Swin uses an absolute position embedding).
     """
 
+    stages_name = 'layers'
+
     def __init__(
             self,
             img_size: Union[int, Tuple[int, int]] = 224,
@@ -393,9 +383,7 @@ class AgentSwinTransformer(nn.Module):
             ape: bool = False,
             **kwargs,
     ):
-        super().__init__()
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        super().__init__(num_classes, global_pool)
         if ape:
             raise ValueError('AgentSwinTransformer: ape=True (absolute position embedding) is not supported')
         if len(num_heads) != len(depths) or len(agent_num) < len(depths):
@@ -403,10 +391,7 @@ class AgentSwinTransformer(nn.Module):
                              f'per stage')
         norm_layer = norm_layer or nn.LayerNorm
         act_layer = act_layer or nn.GELU
-        self.num_classes = num_classes
-        self.global_pool = global_pool
         self.patch_size = patch_size
-        self.output_fmt = 'NHWC'
         num_stages = len(depths)
         dims = [int(embed_dim * 2 ** i) for i in range(num_stages)]
         self.embed_dim = embed_dim
@@ -419,8 +404,8 @@ class AgentSwinTransformer(nn.Module):
             norm_layer=norm_layer if patch_norm else None, flatten=False, output_fmt='NHWC', strict_img_size=False)
         res = tuple(self.patch_embed.grid_size)
 
-        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths), device='cpu').split(list(depths))]
-        agent_blocks = _num_agent_blocks(attn_type, depths)
+        dpr = self._drop_path_rates(drop_path_rate, depths)
+        agent_blocks = stage_agent_blocks(attn_type, depths)
         stages = []
         self.feature_info = []
         for i in range(num_stages):
@@ -433,126 +418,12 @@ class AgentSwinTransformer(nn.Module):
                 attn_drop=attn_drop_rate, drop_path=dpr[i], act_layer=act_layer, norm_layer=norm_layer))
             self.feature_info.append(dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f'layers.{i}'))
         self.layers = nn.Sequential(*stages)
-        self.norm = norm_layer(self.num_features)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.init_weights()
-
-    def init_weights(self) -> None:
-        """The official init: trunc_normal(.02) Linear with zero bias, unit LayerNorms (tables are set per module)."""
-        self.apply(_init_weights)
+        self._init_head(norm_layer(self.num_features), drop_rate)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
         # official: no_weight_decay_keywords = {'relative_position_bias_table'}
         return {n for n, _ in self.named_parameters() if 'relative_position_bias_table' in n}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict:
-        return dict(
-            stem=r'^patch_embed',
-            blocks=r'^layers\.(\d+)' if coarse else [
-                (r'^layers\.(\d+)\.downsample', (0,)),
-                (r'^layers\.(\d+)\.\w+\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.layers:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ('avg', ''):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = x.shape[-2:]
-        p = self.patch_size
-        if H % p or W % p:
-            raise ValueError(f'{type(self).__name__}: input size {H}x{W} is not a multiple of the patch size {p}')
-        return self.patch_embed(x)  # B, h, w, C
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs as (B, C, H, W) maps (or (B, H, W, C) with ``output_fmt='NHWC'``).
-
-        Args:
-            x: Input images.
-            indices: Take the last n stages if an int, these stages if a list, all if None.
-            norm: Apply the final norm to the last stage's intermediate (the norm has the last stage's width).
-            stop_early: Stop after the last selected stage.
-            output_fmt: 'NCHW' or 'NHWC'.
-            intermediates_only: Return only the intermediates.
-        """
-        if output_fmt not in ('NCHW', 'NHWC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        last = len(self.layers) - 1
-        x = self._embed(x)
-        stages = self.layers if not stop_early else self.layers[:max_index + 1]
-        intermediates = []
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                y = self.norm(x) if norm and i == last else x
-                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else y)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages (and optionally norm / head) after the last of ``indices``; returns the kept indices."""
-        take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        self.layers = self.layers[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H/32, W/32, C) normalised last-stage map."""
-        return self.norm(self.layers(self._embed(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == 'avg':
-            x = x.mean(dim=(1, 2))
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 def checkpoint_filter_fn(state_dict: Dict, model: AgentSwinTransformer) -> Dict[str, torch.Tensor]:
@@ -580,35 +451,18 @@ def checkpoint_filter_fn(state_dict: Dict, model: AgentSwinTransformer) -> Dict[
 
 
 def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> AgentSwinTransformer:
-    out_indices = kwargs.pop('out_indices', (0, 1, 2, 3))
     return build_model_with_cfg(
-        AgentSwinTransformer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs)
-
-
-def _cfg(url: str = '', **kwargs) -> Dict:
-    # official eval (agent_transformer/data/build.py build_transform, TEST.CROP True): Resize((s, s)) with
-    # s = int(256 / 224 * img), then CenterCrop(img), bicubic == timm's 'squash' mode at crop_pct 0.875
-    return {
-        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'crop_mode': 'squash', 'interpolation': 'bicubic', 'fixed_input_size': False,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj', 'classifier': 'head',
-        'paper_ids': 'arXiv:2312.08874', 'origin_url': 'https://github.com/LeapLabTHU/Agent-Attention',
-        'license': 'apache-2.0', **kwargs,
-    }
+        AgentSwinTransformer, variant, pretrained, **stage_build_kwargs(checkpoint_filter_fn, **kwargs))
 
 
 default_cfgs = generate_default_cfgs({
-    'agent_swin_tiny.in1k': _cfg(**manifest_cfg('agent_swin_tiny.in1k')),
-    'agent_swin_small.in1k': _cfg(**manifest_cfg('agent_swin_small.in1k')),
+    'agent_swin_tiny.in1k': agent_cfg(**manifest_cfg('agent_swin_tiny.in1k')),
+    'agent_swin_small.in1k': agent_cfg(**manifest_cfg('agent_swin_small.in1k')),
     # agent_swin_s_288.yaml / agent_swin_b_384.yaml set TEST.CROP False: Resize((img, img)) only == squash at crop_pct 1
-    'agent_swin_small_288.in1k': _cfg(
+    'agent_swin_small_288.in1k': agent_cfg(
         input_size=(3, 288, 288), pool_size=(9, 9), crop_pct=1.0, **manifest_cfg('agent_swin_small_288.in1k')),
-    'agent_swin_base.in1k': _cfg(**manifest_cfg('agent_swin_base.in1k')),
-    'agent_swin_base_384.in1k': _cfg(
+    'agent_swin_base.in1k': agent_cfg(**manifest_cfg('agent_swin_base.in1k')),
+    'agent_swin_base_384.in1k': agent_cfg(
         input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0, **manifest_cfg('agent_swin_base_384.in1k')),
 })
 
