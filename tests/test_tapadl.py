@@ -297,6 +297,31 @@ def test_any_resolution_non_square():
         rvt(torch.randn(1, 3, 12, 64))
 
 
+def test_dense_intermediates_and_attention_recording():
+    """FAN's dense maps (stem, a block, class attention) and record_attention(), the API the TAP-FAN backbone uses."""
+    fan = timm.create_model('tap_fan_tiny_8_p4_hybrid', embed_dim=32, depth=2, num_heads=2, backbone_depths=[1, 1],
+                            backbone_dims=[16, 32]).eval()
+    rvt = timm.create_model('tap_rvt_tiny', base_dims=[16, 16], depth=[2, 1], heads=[2, 4]).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        for m in (fan, rvt):
+            logits, attn = m(x, return_attn=True)
+            with m.record_attention():
+                assert m.recording_attention
+                assert torch.equal(m(x), logits)
+            assert not m.recording_attention
+            rec = m.pop_attention()
+            assert len(rec) == len(attn) and all(torch.equal(a, b) for a, b in zip(rec, attn))
+            with pytest.raises(RuntimeError, match='record_attention'):
+                m.pop_attention()  # consumed
+        maps = fan.forward_intermediates(x, indices=[0], intermediates_only=True, stem=True, cls_attn=True)
+        final, _ = fan.forward_intermediates(x, indices=[0], cls_attn=True)
+        assert torch.equal(final, fan.forward_features(x))
+    assert [tuple(f.shape) for f in maps] == [(1, 16, 16, 24), (1, 32, 8, 12), (1, 32, 4, 6), (1, 32, 4, 6)]
+    with pytest.raises(ValueError, match='hybrid'):
+        timm.create_model('tap_fan_tiny_12_p16_224', depth=1).forward_intermediates(x, stem=True)
+
+
 def test_rvt_att_mask_is_unchanged_at_construction_grid():
     from vitzoo.models.rvt import resize_att_mask
     m = torch.randn(2, 49, 49)

@@ -1,13 +1,14 @@
 """Shared shell of the TAP families (FAN, RVT): one block loop, attention maps for ADL, the timm interface."""
 import contextlib
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import checkpoint
 from timm.models._features import feature_take_indices
 
-__all__ = ['TapTransformer']
+__all__ = ['TapTransformer', 'tap_build_kwargs', 'tap_cfg']
 
 Grid = Tuple[int, int]
 
@@ -192,3 +193,22 @@ class TapTransformer(nn.Module):
             self._check_global_pool(global_pool)
             self.global_pool = global_pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+def tap_build_kwargs(pretrained_filter_fn: Callable, out_indices: int = 3, **kwargs) -> Dict[str, Any]:
+    """``build_model_with_cfg`` arguments of a TAP family: its checkpoint filter, ``features_only`` through
+    ``forward_intermediates`` (timm's 'getter', last ``out_indices`` blocks), and the entrypoint's ``kwargs``."""
+    return dict(pretrained_filter_fn=pretrained_filter_fn,
+                feature_cfg=dict(out_indices=out_indices, feature_cls='getter'), **kwargs)
+
+
+def tap_cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    """Pretrained cfg of a TAP + ADL model (ImageNet-1k at 224, bicubic center crop, any input size); ``kwargs`` add
+    the family's ``crop_pct`` / ``first_conv`` or override fields."""
+    return {
+        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
+        'crop_mode': 'center', 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD, 'classifier': 'head',
+        'paper_ids': 'arXiv:2303.11126', 'origin_url': 'https://github.com/guoyongcs/TAPADL',
+        'license': 'other', **kwargs,
+    }

@@ -41,7 +41,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_, use_fused_attn
 from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXtStage
@@ -50,8 +49,8 @@ from timm.models.xcit import ClassAttentionBlock, PositionalEncodingFourier
 from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.layers.token_pooling import TokenPoolingMixin
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
-from ._helpers import finish_tap_state_dict, unwrap_state_dict
-from ._tap import TapTransformer
+from ._helpers import finish_tap_state_dict, init_weights_trunc_normal, unwrap_state_dict
+from ._tap import TapTransformer, tap_build_kwargs, tap_cfg
 
 __all__ = ['FAN']
 
@@ -461,14 +460,8 @@ class FAN(TapTransformer):
         """The official init: trunc_normal(.02) Linear / class token, unit LayerNorms, He-normal MLP convs."""
         trunc_normal_(self.cls_token, std=.02)
         for name, m in self.named_modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Conv2d) and '.mlp' in name and '.dwconv.' in name:
+            init_weights_trunc_normal(m)
+            if isinstance(m, nn.Conv2d) and '.mlp' in name and '.dwconv.' in name:
                 fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
                 nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
                 if m.bias is not None:
@@ -615,25 +608,12 @@ def checkpoint_filter_fn(state_dict: Dict, model: FAN) -> Dict[str, torch.Tensor
 
 
 def _create_fan(variant: str, pretrained: bool = False, **kwargs) -> FAN:
-    out_indices = kwargs.pop('out_indices', 3)
-    return build_model_with_cfg(
-        FAN, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs)
+    return build_model_with_cfg(FAN, variant, pretrained, **tap_build_kwargs(checkpoint_filter_fn, **kwargs))
 
 
-def _cfg(url: str = '', **kwargs) -> Dict:
-    # official eval (TAPADL_FAN/validate_ood.py): timm's loader with the TAPADL_FAN/models/fan.py _cfg, crop_pct 1.0
-    # bicubic: Resize(224) (shorter side) -> CenterCrop(224)
-    return {
-        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        'crop_pct': 1.0, 'crop_mode': 'center', 'interpolation': 'bicubic', 'fixed_input_size': False,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj.0.0', 'classifier': 'head',
-        'paper_ids': 'arXiv:2303.11126', 'origin_url': 'https://github.com/guoyongcs/TAPADL',
-        'license': 'other', **kwargs,
-    }
+# official eval (TAPADL_FAN/validate_ood.py): timm's loader with the TAPADL_FAN/models/fan.py _cfg, crop_pct 1.0
+# bicubic: Resize(224) (shorter side) -> CenterCrop(224)
+_cfg = partial(tap_cfg, crop_pct=1.0, first_conv='patch_embed.proj.0.0')
 
 
 _HYBRID = dict(first_conv='patch_embed.backbone.stem.0')

@@ -34,7 +34,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 
@@ -42,7 +41,7 @@ from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.layers.token_pooling import TokenPoolingMixin
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
 from ._helpers import CheckpointError, finish_tap_state_dict, sizes_match, unwrap_state_dict
-from ._tap import TapTransformer
+from ._tap import TapTransformer, tap_build_kwargs, tap_cfg
 
 __all__ = ['RVT']
 
@@ -375,25 +374,12 @@ def checkpoint_filter_fn(state_dict: Dict, model: RVT) -> Dict[str, torch.Tensor
 
 
 def _create_rvt(variant: str, pretrained: bool = False, **kwargs) -> RVT:
-    out_indices = kwargs.pop('out_indices', 3)
-    return build_model_with_cfg(
-        RVT, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs)
+    return build_model_with_cfg(RVT, variant, pretrained, **tap_build_kwargs(checkpoint_filter_fn, **kwargs))
 
 
-def _cfg(url: str = '', **kwargs) -> Dict:
-    # official eval (TAPADL_RVT/datasets.py build_transform): Resize(int(256 / 224 * 224), bicubic) (shorter side) ->
-    # CenterCrop(224), i.e. timm's 'center' mode at crop_pct 0.875
-    return {
-        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None,
-        'crop_pct': 0.875, 'crop_mode': 'center', 'interpolation': 'bicubic', 'fixed_input_size': False,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj.0', 'classifier': 'head',
-        'paper_ids': 'arXiv:2303.11126', 'origin_url': 'https://github.com/guoyongcs/TAPADL',
-        'license': 'other', **kwargs,
-    }
+# official eval (TAPADL_RVT/datasets.py build_transform): Resize(int(256 / 224 * 224), bicubic) (shorter side) ->
+# CenterCrop(224), i.e. timm's 'center' mode at crop_pct 0.875
+_cfg = partial(tap_cfg, crop_pct=0.875, first_conv='patch_embed.proj.0')
 
 
 default_cfgs = generate_default_cfgs({
