@@ -32,14 +32,13 @@ cache name used for downloads); a timm export folder (``local-dir:``) against th
 ``tools/convert_weights.py`` wrote into its ``config.json``. Other local files (your own fine-tunes) load unchecked but
 still code-free. :func:`load_checkpoint` with ``strict=True`` or an explicit ``sha256`` checks any file.
 
-The code lives in :mod:`vitzoo.models._builder` (builder, checkpoint reading) and :mod:`vitzoo.models._manifest`
-(manifest), timm's layout; this module is their public face.
+The code lives in ``vitzoo/models/_builder.py`` (builder, checkpoint reading) and ``vitzoo/models/_manifest.py``
+(manifest), timm's layout, exported by :mod:`vitzoo.models`; this module is their public face.
 """
-from vitzoo.models._builder import (
-    ChecksumError, UnsafeCheckpointError, WeightsError, build_model_with_cfg, find_weights_file, load_checkpoint,
-    resolve_pretrained, safe_load, select_state_dict, sha256sum, verify_sha256)
-from vitzoo.models._manifest import (
-    MANIFEST_ENV, load_manifest, manifest_cfg, manifest_entry, manifest_path, no_weights_reason)
+from vitzoo.models import (
+    MANIFEST_ENV, ChecksumError, UnsafeCheckpointError, WeightsError, build_model_with_cfg, find_weights_file,
+    load_checkpoint, load_manifest, manifest_cfg, manifest_entry, manifest_path, no_weights_reason, resolve_pretrained,
+    safe_load, select_state_dict, sha256sum, verify_sha256)
 
 __all__ = [
     'WeightsError', 'ChecksumError', 'UnsafeCheckpointError', 'MANIFEST_ENV', 'manifest_path', 'load_manifest',
