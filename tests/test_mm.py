@@ -57,7 +57,7 @@ def _reduce_backbone(cfg: Config) -> None:
     if bb.type == 'TAPFAN':  # full widths (the head's in_channels), one FAN block, one block per ConvNeXt stage
         bb.update(depth=1, backbone_depths=(1, 1))
     else:
-        bb['depth' if bb.type == 'AgentCSwin' else 'depths'] = (1, 1, 1, 1)
+        bb['depths'] = (1, 1, 1, 1)
     bb.pop('pretrained', None)
 
 

@@ -5,7 +5,7 @@
 # AdamW lr 6e-5, wd 0.01 (none on norms), head lr x10, poly (power 1.0) with a linear warmup over 1500 iterations,
 # 1024x1024 crops, slide inference 1024 / 768, ADL as `loss_ad` (weight 1, threshold 2).
 # ImageNet init: the released tapadl_fan_base.pth.tar, e.g. --cfg-options model.backbone.pretrained=PATH.
-# Note: the official ADL is exactly 0 with one image per GPU (a squeeze bug, see vitzoo/_mm_seg.py); vitzoo's is not.
+# Note: the official ADL is exactly 0 with one image per GPU (a squeeze bug, see vitzoo/mm/seg.py); vitzoo's is not.
 # For what the official run effectively trained, set model.loss_ad.loss_weight=0.
 _base_ = [
     'mmseg::_base_/models/segformer_mit-b0.py',

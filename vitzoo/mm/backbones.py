@@ -255,7 +255,7 @@ class _AgentBackbone(_TimmBackbone):
             init_cfg: Optional[Union[dict, List[dict]]] = None,
             **model_kwargs,
     ):
-        create_kwargs = {**self._model_defaults(), **model_kwargs, 'img_size': img_size,
+        create_kwargs = {**self._model_defaults(), **self._model_kwargs(model_kwargs), 'img_size': img_size,
                          'drop_path_rate': drop_path_rate}
         super().__init__(model_name, create_kwargs, out_indices, frozen_stages, norm_eval, pretrained, init_cfg)
         self.num_stages = len(self._stages())
@@ -274,6 +274,9 @@ class _AgentBackbone(_TimmBackbone):
     # family hooks
     def _model_defaults(self) -> Dict[str, Any]:
         return {}
+
+    def _model_kwargs(self, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        return kwargs
 
     # where the family's timm model keeps its stage list and its patch embedding (``get_submodule`` paths)
     _stages_path = 'stages'
@@ -385,7 +388,8 @@ class AgentCSwin(_AgentBackbone):
     """Agent-CSwin backbone: 4 LayerNorm-ed stage maps at strides 4..32 (no official dense version exists).
 
     Args: as :class:`AgentPVT` (``model_name`` 'agent_cswin_tiny', '_small', '_base'); agent stages are global over
-    the whole map (``la_split_size=None``), ``out_norms`` defaults to True.
+    the whole map (``la_split_size=None``), ``out_norms`` defaults to True. Blocks per stage are ``depths`` as for the
+    other backbones (the timm model keeps the official CSwin name ``depth``, also accepted here).
     """
     _filter_fn = staticmethod(agent_cswin.checkpoint_filter_fn)
     _default_model = 'agent_cswin_tiny'
@@ -394,6 +398,13 @@ class AgentCSwin(_AgentBackbone):
     def _model_defaults(self) -> Dict[str, Any]:
         return dict(la_split_size=None)
 
+    def _model_kwargs(self, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        if 'depths' in kwargs:
+            if 'depth' in kwargs:
+                raise ValueError('AgentCSwin: pass depths (blocks per stage) or its model name depth, not both')
+            kwargs = dict(kwargs)
+            kwargs['depth'] = kwargs.pop('depths')
+        return kwargs
 
 
 @MODELS.register_module()
