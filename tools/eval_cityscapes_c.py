@@ -24,11 +24,13 @@ import csv
 import json
 import os
 import os.path as osp
-import sys
 import zlib
 from typing import Dict, List, Sequence
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+try:
+    import vitzoo  # noqa: F401  (registers the models)
+except ModuleNotFoundError as e:  # the tools use the installed package
+    raise SystemExit('vitzoo is not installed: `pip install -e .` in the vitzoo checkout') if e.name == 'vitzoo' else e
 
 GROUPS = {
     'blur': ('gaussian_blur', 'motion_blur', 'glass_blur', 'defocus_blur'),
@@ -49,20 +51,15 @@ def _image_seed(seed: int, corruption: str, severity: int, rel_path: str) -> int
     return zlib.crc32(f'{seed}/{corruption}/{severity}/{rel_path}'.encode()) & 0x7FFFFFFF
 
 
-def _load_corrupt():
-    """``imagecorruptions.corrupt`` with vitzoo's scikit-image / NumPy 2 shim (which also seeds skimage's noise from
-    ``np.random``, as the scikit-image of the official runs did)."""
-    from vitzoo.data.imagenet_c import load_imagecorruptions
-    return load_imagecorruptions()
-
-
 def make_corrupted(src_dir: str, dst_dir: str, corruption: str, severity: int, seed: int = 8,
                    suffix: str = '_leftImg8bit.png', max_images: int = 0) -> List[str]:
     """Write the corrupted copy of every ``*suffix`` image under ``src_dir`` (kept if already there), as the official
-    ``gen_city_c.py``: BGR in (``mmcv.imread``), ``corrupt``, ``mmcv.imwrite``; ``np.random`` seeded per image."""
+    ``gen_city_c.py``: BGR in (``mmcv.imread``), ``corrupt``, ``mmcv.imwrite``; ``np.random`` seeded per image.
+
+    The corruption is :func:`vitzoo.data.imagenet_c.corrupt_image` (``imagecorruptions`` with vitzoo's scikit-image /
+    NumPy 2 shim, which also seeds skimage's noise from ``np.random`` as the scikit-image of the official runs did)."""
     import mmcv
-    import numpy as np
-    corrupt = _load_corrupt()
+    from vitzoo.data.imagenet_c import corrupt_image
     files = sorted(osp.relpath(osp.join(r, f), src_dir) for r, _, fs in os.walk(src_dir) for f in fs
                    if f.endswith(suffix))
     if max_images:
@@ -73,9 +70,8 @@ def make_corrupted(src_dir: str, dst_dir: str, corruption: str, severity: int, s
             continue
         os.makedirs(osp.dirname(out), exist_ok=True)
         img = mmcv.imread(osp.join(src_dir, rel))  # BGR, as the official script corrupts it
-        np.random.seed(_image_seed(seed, corruption, severity, rel))
-        img = corrupt(img, corruption_name=corruption, severity=severity)
-        mmcv.imwrite(np.uint8(img), out)
+        img = corrupt_image(img, corruption, severity, np_seed=_image_seed(seed, corruption, severity, rel))
+        mmcv.imwrite(img, out)
     return files
 
 
@@ -106,8 +102,8 @@ def main(argv=None) -> Dict:
     from mmengine.registry import DefaultScope
     from mmengine.runner import Runner
     import mmseg.utils
-    from vitzoo._mm import load_checkpoint_file
     import vitzoo.mmseg  # noqa: F401
+    from vitzoo.mm import load_checkpoint_file
 
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
