@@ -35,14 +35,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.jit import Final
 
-from timm.layers import DropPath, to_2tuple, trunc_normal_, use_fused_attn
+from timm.layers import to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import checkpoint, generate_default_cfgs, register_model
 
 from vitzoo.layers.agent_attention import AgentAttention
 from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
-from ._helpers import Mlp, adapt_submodules, check_state_dict, sizes_match, unwrap_state_dict
+from ._helpers import adapt_submodules, check_state_dict, sizes_match, unwrap_state_dict
 from ._hierarchical import HierarchicalShell, agent_cfg, stage_build_kwargs
+from ._vit import PreNormBlock
 
 __all__ = ['AgentPVT', 'AgentPVTStage']
 
@@ -116,8 +117,11 @@ class SpatialReductionAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
-class Block(nn.Module):
-    """Pre-norm PVT block with agent attention (``attn_type='A'``) or spatial-reduction attention ('B')."""
+class Block(PreNormBlock):
+    """Pre-norm PVT block with agent attention (``attn_type='A'``) or spatial-reduction attention ('B').
+
+    Called as ``blk(x, hw)`` on (B, h*w, C) tokens of the ``hw`` grid.
+    """
 
     def __init__(
             self,
@@ -135,28 +139,17 @@ class Block(nn.Module):
             agent_num: int = 49,
             window_size: Tuple[int, int] = (56, 56),
     ):
-        super().__init__()
         if attn_type not in ('A', 'B'):
             raise ValueError(f"Block: attn_type must be 'A' (agent) or 'B' (spatial reduction), got {attn_type!r}")
-        self.norm1 = norm_layer(dim)
         if attn_type == 'A':
-            self.attn = AgentAttention(
-                dim, num_heads=num_heads, agent_num=agent_num, window_size=window_size, qkv_bias=qkv_bias,
-                attn_drop=attn_drop, proj_drop=proj_drop, qkv_layout='q_kv', sr_ratio=sr_ratio,
-                fused_attn=use_fused_attn())
+            attn_layer, attn_kwargs = AgentAttention, dict(
+                agent_num=agent_num, window_size=window_size, qkv_layout='q_kv', fused_attn=use_fused_attn())
         else:
-            self.attn = SpatialReductionAttention(
-                dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
-                sr_ratio=sr_ratio)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-
-    def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x), hw))
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return x
+            attn_layer, attn_kwargs = SpatialReductionAttention, {}
+        super().__init__(
+            dim, num_heads, attn_layer, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop,
+            attn_drop=attn_drop, drop_path=drop_path, act_layer=act_layer, norm_layer=norm_layer, sr_ratio=sr_ratio,
+            **attn_kwargs)
 
 
 class PatchEmbed(nn.Module):

@@ -42,15 +42,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.layers import DropPath, PatchEmbed, resize_rel_pos_bias_table_simple, trunc_normal_, use_fused_attn
+from timm.layers import PatchEmbed, resize_rel_pos_bias_table_simple, trunc_normal_, use_fused_attn
 from timm.models import checkpoint, generate_default_cfgs, register_model
 
 from vitzoo.layers.agent_attention import AgentAttention
 from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.layers.windows import pad_to_windows, padded_key_mask, window_padding, window_partition, window_reverse
 from vitzoo.weights import build_model_with_cfg, manifest_cfg
-from ._helpers import Mlp, adapt_submodules, check_state_dict, unwrap_state_dict
+from ._helpers import adapt_submodules, check_state_dict, unwrap_state_dict
 from ._hierarchical import HierarchicalShell, agent_cfg, stage_agent_blocks, stage_build_kwargs
+from ._vit import PreNormBlock
 
 __all__ = ['AgentSwinTransformer']
 
@@ -176,7 +177,7 @@ class WindowAttention(nn.Module):
                 f'fused_attn={self.fused_attn}')
 
 
-class AgentSwinBlock(nn.Module):
+class AgentSwinBlock(PreNormBlock):
     """Pre-norm Swin block on (B, H, W, C) maps: global agent attention or (shifted-)window attention."""
 
     def __init__(
@@ -196,31 +197,27 @@ class AgentSwinBlock(nn.Module):
             act_layer: Callable = nn.GELU,
             norm_layer: Callable = nn.LayerNorm,
     ):
-        super().__init__()
+        input_resolution = tuple(input_resolution)
+        if agent_num > 0:
+            attn_layer, attn_kwargs = AgentAttention, dict(
+                agent_num=agent_num, window_size=input_resolution, qkv_layout='qkv', fused_attn=use_fused_attn())
+        else:
+            attn_layer, attn_kwargs = WindowAttention, dict(window_size=window_size)
+        super().__init__(
+            dim, num_heads, attn_layer, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop,
+            attn_drop=attn_drop, drop_path=drop_path, act_layer=act_layer, norm_layer=norm_layer, **attn_kwargs)
         self.is_agent = agent_num > 0
-        self.input_resolution = tuple(input_resolution)
+        self.input_resolution = input_resolution
         self.window_size = window_size
         # official classification model: one unshifted window when the construction map is no larger than the
         # window; the official downstream (dense) Swin shifts every odd block regardless (``always_shift``)
-        shift = shift and (always_shift or min(self.input_resolution) > window_size)
+        shift = shift and (always_shift or min(input_resolution) > window_size)
         self.shift_size = window_size // 2 if shift else 0
-        self.norm1 = norm_layer(dim)
-        if self.is_agent:
-            self.attn = AgentAttention(
-                dim, num_heads=num_heads, agent_num=agent_num, window_size=self.input_resolution, qkv_bias=qkv_bias,
-                attn_drop=attn_drop, proj_drop=proj_drop, qkv_layout='qkv', fused_attn=use_fused_attn())
-            self.register_buffer('attn_mask', None, persistent=False)
-        else:
-            self.attn = WindowAttention(
-                dim, num_heads=num_heads, window_size=window_size, qkv_bias=qkv_bias, attn_drop=attn_drop,
-                proj_drop=proj_drop)
-            window, shift_hw = self._window_shift(*self.input_resolution)
-            self.register_buffer(
-                'attn_mask', window_attn_mask(self.input_resolution, window, shift_hw), persistent=False)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        mask = None
+        if not self.is_agent:
+            window, shift_hw = self._window_shift(*input_resolution)
+            mask = window_attn_mask(input_resolution, window, shift_hw)
+        self.register_buffer('attn_mask', mask, persistent=False)
 
     def _window_shift(self, H: int, W: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
         """Per axis: a map no larger than the window is one window without shift; otherwise the trained values."""
@@ -251,8 +248,7 @@ class AgentSwinBlock(nn.Module):
             y = self.attn(self.norm1(x).reshape(B, H * W, C), (H, W)).reshape(B, H, W, C)
         else:
             y = self._window_attn(self.norm1(x))
-        x = x + self.drop_path1(y)
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+        return self._mlp_residual(x + self.drop_path1(y))
 
     def extra_repr(self) -> str:
         kind = 'agent (global)' if self.is_agent else f'window={self.window_size}, shift={self.shift_size}'
