@@ -1,5 +1,6 @@
 """AgentSD on diffusers: token merging, parity with the official attention, patching SD-1.x / SDXL-style pipelines."""
 import importlib
+import importlib.util
 import logging
 import os
 import sys
@@ -572,11 +573,9 @@ def test_missing_diffusers_gives_clear_error(monkeypatch):
 
 
 def test_sd_generate_tool(sd_pipe, tmp_path, capsys):
-    sys.path.insert(0, str(REPO / 'tools'))
-    try:
-        import sd_generate
-    finally:
-        sys.path.pop(0)
+    spec = importlib.util.spec_from_file_location('_vitzoo_tool_sd_generate', REPO / 'tools' / 'sd_generate.py')
+    sd_generate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sd_generate)
     folder = tmp_path / 'tiny-sd'
     sd_pipe.save_pretrained(folder)
     out = tmp_path / 'grid.png'
