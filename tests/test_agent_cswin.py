@@ -168,6 +168,19 @@ def test_striped_agent_split_is_rejected():
         timm.create_model('agent_cswin_tiny', embed_dim=16, depth=(1, 1, 1, 1), la_split_size='28-28-14-7')
 
 
+def test_attn_type_and_deprecated_class_name():
+    from vitzoo.models.agent_cswin import AgentCSWinTransformer, AgentCSwinTransformer
+    assert AgentCSWinTransformer is AgentCSwinTransformer
+    model = timm.create_model('agent_cswin_tiny', embed_dim=8, depth=(1, 3, 2, 1), num_heads=(2, 2, 2, 4),
+                              attn_type='AMBB2')
+    assert type(model) is AgentCSwinTransformer
+    assert [[b.is_agent for b in s.blocks] for s in model.stages] == [[True], [True, True, False], [False, False],
+                                                                      [False]]
+    for bad in ('AAXB', 'AAMB', 'AABB3'):
+        with pytest.raises(ValueError, match='attn_type'):
+            timm.create_model('agent_cswin_tiny', attn_type=bad)
+
+
 # name: (params in M, GMACs) measured from the official models
 SPEC = {
     'agent_cswin_tiny': (20.46, 4.29),

@@ -96,6 +96,14 @@ def test_any_resolution_and_default_unchanged():
         assert torch.equal(y0, y1)
 
 
+def test_deprecated_stage_name():
+    from vitzoo.models.agent_pvt import AgentPVTStage, AgentPvtStage
+    assert AgentPvtStage is AgentPVTStage
+    model = timm.create_model('agent_pvt_tiny', num_classes=10, **_SMALL)
+    assert all(type(s) is AgentPVTStage for s in model.stages)
+    assert isinstance(model.norm, torch.nn.Identity)  # no final norm (the shared shell's slot)
+
+
 def test_input_size_errors():
     model = timm.create_model('agent_pvt_tiny', num_classes=10, **_SMALL).eval()
     with pytest.raises(ValueError, match='230x224 is not a multiple of the patch size 4'):

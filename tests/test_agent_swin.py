@@ -129,6 +129,22 @@ def test_window_mask_shift_regions_and_padding():
     assert window_attn_mask((9, 6), (7, 6), (0, 0)).shape == (2, 42, 42)  # padding only along H
 
 
+def test_window_helpers():
+    """Partition / reverse round-trip in both layouts; padded keys follow the cyclic shift."""
+    from vitzoo.layers.windows import pad_to_windows, padded_key_mask, window_partition, window_reverse
+    x = torch.randn(2, 10, 9, 3)
+    xp, pad = pad_to_windows(x, (4, 3))
+    assert pad == (2, 0) and xp.shape == (2, 12, 9, 3) and torch.equal(xp[:, :10], x) and not xp[:, 10:].any()
+    w = window_partition(xp, (4, 3))
+    assert w.shape == (2, 9, 12, 3) and torch.equal(w[0, 1], xp[0, :4, 3:6].reshape(12, 3))
+    assert torch.equal(window_reverse(w, (4, 3), (12, 9)), xp)
+    assert torch.equal(window_reverse(w.flatten(0, 1), (4, 3), (12, 9)), xp)
+    mask = padded_key_mask((10, 9), (4, 3))
+    assert mask.shape == (9, 12) and mask[6:].sum() == 3 * 2 * 3 and not mask[:6].any()
+    shifted = padded_key_mask((10, 9), (4, 3), (1, 0))
+    assert shifted.sum() == mask.sum() and not torch.equal(shifted, mask)
+
+
 def test_small_window_indexes_the_trained_table():
     """A map smaller than the window attends in one window using the central part of the same table."""
     torch.manual_seed(0)
