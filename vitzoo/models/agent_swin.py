@@ -188,7 +188,6 @@ class AgentSwinBlock(PreNormBlock):
             agent_num: int = 0,
             window_size: int = 7,
             shift: bool = False,
-            always_shift: bool = False,
             mlp_ratio: float = 4.0,
             qkv_bias: bool = True,
             proj_drop: float = 0.0,
@@ -196,6 +195,7 @@ class AgentSwinBlock(PreNormBlock):
             drop_path: float = 0.0,
             act_layer: Callable = nn.GELU,
             norm_layer: Callable = nn.LayerNorm,
+            always_shift: bool = False,
     ):
         input_resolution = tuple(input_resolution)
         if agent_num > 0:
@@ -289,7 +289,6 @@ class AgentSwinStage(nn.Module):
             agent_num: int,
             num_agent_blocks: int,
             window_size: int,
-            always_shift: bool = False,
             mlp_ratio: float = 4.0,
             qkv_bias: bool = True,
             proj_drop: float = 0.0,
@@ -297,6 +296,7 @@ class AgentSwinStage(nn.Module):
             drop_path: Sequence[float] = (),
             act_layer: Callable = nn.GELU,
             norm_layer: Callable = nn.LayerNorm,
+            always_shift: bool = False,
     ):
         super().__init__()
         self.grad_checkpointing = False
@@ -338,9 +338,6 @@ class AgentSwinTransformer(HierarchicalShell):
         qkv_bias: Bias in qkv.
         agent_num: Agents per stage.
         attn_type: Per-stage attention string, e.g. 'AAAB', 'AABB', 'AAMB2'.
-        always_shift: Shift every odd window block (``window // 2``), also where the stage map at construction is no
-            larger than the window (the official classification model does not shift there; the official downstream
-            Swin does).
         patch_norm: LayerNorm after the patch embedding.
         drop_rate: Dropout before the head.
         proj_drop_rate: Dropout after projections / MLP.
@@ -349,6 +346,9 @@ class AgentSwinTransformer(HierarchicalShell):
         norm_layer: Norm (default LayerNorm eps 1e-5, as official).
         act_layer: MLP activation.
         ape: Must be False (no released Agent-Swin uses an absolute position embedding).
+        always_shift: Shift every odd window block (``window // 2``), also where the stage map at construction is no
+            larger than the window (the official classification model does not shift there; the official downstream
+            Swin does).
     """
 
     stages_name = 'layers'
@@ -368,7 +368,6 @@ class AgentSwinTransformer(HierarchicalShell):
             qkv_bias: bool = True,
             agent_num: Sequence[int] = (9, 16, 49, 49),
             attn_type: str = 'AAAB',
-            always_shift: bool = False,
             patch_norm: bool = True,
             drop_rate: float = 0.0,
             proj_drop_rate: float = 0.0,
@@ -377,6 +376,7 @@ class AgentSwinTransformer(HierarchicalShell):
             norm_layer: Optional[Callable] = None,
             act_layer: Optional[Callable] = None,
             ape: bool = False,
+            always_shift: bool = False,
             **kwargs,
     ):
         super().__init__(num_classes, global_pool)
