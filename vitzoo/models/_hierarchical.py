@@ -97,6 +97,7 @@ class HierarchicalShell(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
+        # the official PVT / CSwin decay every parameter (their lists name a cls_token / pos_embed they do not have)
         return set()
 
     @torch.jit.ignore
