@@ -97,7 +97,8 @@ class HierarchicalShell(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        # the official PVT / CSwin decay every parameter (their lists name a cls_token / pos_embed they do not have)
+        # as the official PVT (it decays its position embeddings, listing only a cls_token it does not have) and CSwin
+        # (its pos_embed / cls_token do not exist): nothing is excluded
         return set()
 
     @torch.jit.ignore
