@@ -40,9 +40,10 @@ from timm.models import checkpoint, generate_default_cfgs, register_model
 
 from vitzoo.layers.agent_attention import AgentAttention
 from vitzoo.layers.sdpa import use_sdpa
-from vitzoo.weights import build_model_with_cfg, manifest_cfg
+from ._builder import build_model_with_cfg
 from ._helpers import adapt_submodules, check_state_dict, sizes_match, unwrap_state_dict
 from ._hierarchical import HierarchicalShell, agent_cfg, stage_build_kwargs
+from ._manifest import manifest_cfg
 from ._vit import PreNormBlock
 
 __all__ = ['AgentPVT', 'AgentPVTStage']

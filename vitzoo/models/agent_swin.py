@@ -48,9 +48,10 @@ from timm.models import checkpoint, generate_default_cfgs, register_model
 from vitzoo.layers.agent_attention import AgentAttention
 from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.layers.windows import pad_to_windows, padded_key_mask, window_padding, window_partition, window_reverse
-from vitzoo.weights import build_model_with_cfg, manifest_cfg
+from ._builder import build_model_with_cfg
 from ._helpers import adapt_submodules, check_state_dict, unwrap_state_dict
 from ._hierarchical import HierarchicalShell, agent_cfg, stage_agent_blocks, stage_build_kwargs
+from ._manifest import manifest_cfg
 from ._vit import PreNormBlock
 
 __all__ = ['AgentSwinTransformer']

@@ -39,8 +39,9 @@ from timm.models import generate_default_cfgs, register_model
 
 from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.layers.token_pooling import TokenPoolingMixin
-from vitzoo.weights import build_model_with_cfg, manifest_cfg
+from ._builder import build_model_with_cfg
 from ._helpers import CheckpointError, finish_tap_state_dict, sizes_match, unwrap_state_dict
+from ._manifest import manifest_cfg
 from ._tap import TapTransformer, tap_build_kwargs, tap_cfg
 
 __all__ = ['RVT']

@@ -66,7 +66,7 @@ from timm.layers import use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 
 from vitzoo.layers.sparse_attention import SparseAttention, mask_from_indices
-from vitzoo.weights import build_model_with_cfg
+from ._builder import build_model_with_cfg
 from ._helpers import adapt_submodules, check_state_dict, unwrap_state_dict
 from ._vit import BlockState, DeiTShell, PreNormBlock, adapt_embeddings, deit_build_kwargs, deit_cfg
 
