@@ -1,6 +1,6 @@
 """WSOL boxes, IoU and metrics on hand-made cases; CUB / ImageNet box files; eval_wsol end to end on shapes."""
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +13,13 @@ from vitzoo.wsol import (WSOLMeter, best_iou_per_threshold, box_iou, boxes_from_
                          largest_component_boxes, max_iou, normalize_maps)
 
 TOOLS = Path(__file__).resolve().parents[1] / 'tools'
+
+
+def _load_eval_wsol():
+    spec = importlib.util.spec_from_file_location('_vitzoo_tool_eval_wsol', TOOLS / 'eval_wsol.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -240,8 +247,7 @@ def test_bad_imagenet_line_is_one_clear_error(tmp_path, line, match):
 
 
 def test_eval_tool_help_and_clear_errors(tmp_path, capsys):
-    sys.path.insert(0, str(TOOLS))
-    import eval_wsol
+    eval_wsol = _load_eval_wsol()
     with pytest.raises(SystemExit) as e:
         eval_wsol.main(['--help'])
     assert e.value.code == 0
@@ -292,8 +298,7 @@ def test_end_to_end_finetune_beats_full_image_baseline(tmp_path):
     """Fine-tune a small SAT (CE + area + norm losses) on shapes, then run tools/eval_wsol.py on held-out images."""
     import timm
     from vitzoo.losses.sat import SATLoss
-    sys.path.insert(0, str(TOOLS))
-    import eval_wsol
+    eval_wsol = _load_eval_wsol()
 
     root = write_shapes_cub(tmp_path / 'shapes_cub', num_train=800, num_test=200, num_classes=4, img_size=64)
     x, y = _load_split(root, 'train')
@@ -353,8 +358,7 @@ def test_eval_tool_classification_protocol_per_dataset(tmp_path, monkeypatch):
     from PIL import Image
     from torchvision import transforms as T
     from vitzoo.wsol import WSOLMeter
-    sys.path.insert(0, str(TOOLS))
-    import eval_wsol
+    eval_wsol = _load_eval_wsol()
 
     root = write_shapes_cub(tmp_path / 'shapes_cub', num_train=0, num_test=8, num_classes=4, img_size=64, seed=2)
     kw = dict(img_size=48, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_spatial_blocks=1)
