@@ -1,5 +1,7 @@
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -18,6 +20,14 @@ def load_parity(name: str) -> dict:
 
 def parity_input(ref: dict) -> torch.Tensor:
     return ref['input'].float() * ref['input_scale']
+
+
+def load_tool(name: str) -> ModuleType:
+    """A script of tools/ imported as a module (tools/ is no package), e.g. ``load_tool('export').check_compile``."""
+    spec = importlib.util.spec_from_file_location(f'_vitzoo_tool_{name}', DATA.parents[1] / 'tools' / f'{name}.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ in-place ops, the traced backward) as inductor, without the C++ code generation.
 ``python tools/export.py --check-all --checks compile`` checks every registered model.
 """
 import csv
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -16,17 +15,9 @@ import torch
 from vitzoo.data.shapes import write_image_folder
 from vitzoo.train_utils import TrainWrapper, method_of
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_tool
 
-
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f'_vitzoo_tool_{name}', ROOT / 'tools' / f'{name}.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-export = _load_tool('export')
+export = load_tool('export')
 FAMILIES = {f.name: f for f in export.FAMILIES}
 
 
@@ -123,7 +114,7 @@ def test_dynamic_window_families_recompile_per_geometry():
 
 def test_train_py_torchcompile_matches_eager(tmp_path):
     """tools/train.py --torchcompile trains the same run as eager (same seed): losses and weights agree."""
-    train = _load_tool('train')
+    train = load_tool('train')
     data = write_image_folder(tmp_path / 'shapes', num_train=16, num_val=8, num_classes=4, img_size=32, seed=0,
                               progress=False)
     base = ['--data-dir', str(data), '--model', 'agent_deit_tiny', '--img-size', '32', '--model-kwargs',
