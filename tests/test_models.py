@@ -286,8 +286,9 @@ def _shape(shape) -> str:
 @pytest.mark.parametrize('family', FAMILIES)
 def test_bad_checkpoint_names_the_key(family, tmp_path):
     """A missing key or a wrong shape is a CheckpointError naming the key and both shapes, not a silent init."""
-    sd = _tiny(family).state_dict()
-    key, shape = _probe_key(_tiny(family))
+    model = _tiny(family)
+    sd = model.state_dict()
+    key, shape = _probe_key(model)
     bad = dict(sd)
     bad[key] = torch.zeros(shape[0] * 2, *shape[1:])
     wrong = (shape[0] * 2, *shape[1:])
