@@ -61,6 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .attention import MultiHeadAttention
 from .sdpa import use_sdpa
 
 __all__ = [
@@ -349,7 +350,7 @@ def _mask_bias(approx: torch.Tensor, idx: torch.Tensor, num_prefix_tokens: int) 
     return bias
 
 
-class SparseAttention(nn.Module):
+class SparseAttention(MultiHeadAttention):
     """Multi-head self-attention whose non-prefix queries attend only to predicted top-k keys.
 
     ``qkv`` / ``proj`` follow the timm / official names, the predictor is ``mask_predictor`` (official name).
@@ -395,24 +396,14 @@ class SparseAttention(nn.Module):
             num_prefix_tokens: int = 1,
             fused_attn: bool = True,
     ):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f'dim {dim} must be divisible by num_heads {num_heads}')
-        if keep_rate <= 0:
+        if dim % num_heads == 0 and keep_rate <= 0:  # checked before the base builds its projections
             raise ValueError(f'keep_rate must be > 0, got {keep_rate}')
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
+                         fused_attn=fused_attn)
         self.keep_rate = float(keep_rate)
         self.num_prefix_tokens = num_prefix_tokens
-        self.fused_attn = fused_attn
         self.attn_recon = False  # phase-1 mode (only in train mode); set by the model
         self.mask_grad = True  # straight-through mask gradient to the predictor (see the module docstring)
-
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
         self.mask_predictor = ConnectivityPredictor(
             self.head_dim, num_heads, grid_size=grid_size, rank=rank, reduce_n_factor=reduce_n_factor,
             reduce_c_factor=reduce_c_factor, basis_topk=basis_topk, basis_threshold=basis_threshold,
@@ -443,10 +434,9 @@ class SparseAttention(nn.Module):
         Side outputs: ``approx`` (B, H, n - prefix, n) or None, ``idx`` kept-key indices (B, H, n - prefix, k) or None
         (dense), ``attn`` and ``cls_attn`` when asked.
         """
-        B, N, C = x.shape
+        N = x.shape[1]
         npt = self.num_prefix_tokens
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = self._split_qkv(x)
 
         phase1 = self.training and self.attn_recon
         budget = self.budget(grid, N)
@@ -464,12 +454,11 @@ class SparseAttention(nn.Module):
 
         out: Dict[str, Optional[torch.Tensor]] = {'approx': approx, 'idx': idx}
         if self.fused_attn and not return_attn and use_sdpa(q, k, v, bias):
-            x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=bias, dropout_p=self.attn_drop.p if self.training else 0.)
+            x = self._sdpa(q, k, v, bias)
             if need_cls_attn:
-                out['cls_attn'] = ((q[:, :, :1] @ k.transpose(-2, -1)) * self.scale).softmax(-1)[:, :, 0, npt:]
+                out['cls_attn'] = self._logits(q[:, :, :1], k).softmax(-1)[:, :, 0, npt:]
         else:
-            attn = (q @ k.transpose(-2, -1)) * self.scale
+            attn = self._logits(q, k)
             if bias is not None:
                 attn = attn + bias
             attn = attn.softmax(dim=-1)
@@ -478,6 +467,4 @@ class SparseAttention(nn.Module):
             if need_cls_attn:
                 out['cls_attn'] = attn[:, :, 0, npt:]
             x = self.attn_drop(attn) @ v
-        x = x.transpose(1, 2).reshape(B, N, C)
-        x = self.proj_drop(self.proj(x))
-        return x, out
+        return self._project(x), out

@@ -21,9 +21,9 @@ The localization map is the mean of the per-block masks of the spatial-aware blo
 from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention import MultiHeadAttention
 from .sdpa import use_sdpa
 
 __all__ = ['SpatialTokenAttention', 'spatial_mask_from_logits', 'fuse_spatial_masks', 'gaussian_kernel',
@@ -42,7 +42,7 @@ def spatial_mask_from_logits(token_logits: torch.Tensor) -> torch.Tensor:
     return token_logits.mean(dim=1).sigmoid()
 
 
-class SpatialTokenAttention(nn.Module):
+class SpatialTokenAttention(MultiHeadAttention):
     """Multi-head self-attention that also yields the spatial token's foreground mask.
 
     The spatial token is the last token of the sequence (``token_index=-1``). With ``spatial_aware=True`` the softmaxed
@@ -71,19 +71,10 @@ class SpatialTokenAttention(nn.Module):
             fused_attn: bool = True,
             token_index: int = -1,
     ):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f'dim {dim} must be divisible by num_heads {num_heads}')
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
+                         fused_attn=fused_attn)
         self.spatial_aware = spatial_aware
-        self.fused_attn = fused_attn
         self.token_index = token_index
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, need_mask: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Attend.
@@ -95,20 +86,20 @@ class SpatialTokenAttention(nn.Module):
         Returns:
             ``(out, mask)``: (B, N, C) output and the (B, N) spatial mask over all keys (None when not computed).
         """
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        N = x.shape[1]
+        q, k, v = self._split_qkv(x)
         want_mask = need_mask or self.spatial_aware
         mask = None
         if self.fused_attn and use_sdpa(q, k, v):
             if want_mask:
                 q_tok = q.narrow(2, self.token_index % N, 1)  # only the spatial token's logit row is needed
-                mask = spatial_mask_from_logits((q_tok @ k.transpose(-2, -1)).squeeze(2) * self.scale)
+                mask = spatial_mask_from_logits(self._logits(q_tok, k).squeeze(2))
             if self.spatial_aware:
                 # (softmax(l) * m_j) @ v == softmax(l) @ (m_j * v_j): gate the values, keep the fused kernel
                 v = v * mask[:, None, :, None]
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
+            x = self._sdpa(q, k, v)
         else:
-            attn = (q @ k.transpose(-2, -1)) * self.scale  # scale after the product, as the original
+            attn = self._logits(q, k)  # scale after the product, as the original
             if want_mask:
                 mask = spatial_mask_from_logits(attn[:, :, self.token_index])
             attn = attn.softmax(dim=-1)
@@ -116,9 +107,7 @@ class SpatialTokenAttention(nn.Module):
                 attn = attn * mask[:, None, None, :]  # no renormalisation (faithful)
             attn = self.attn_drop(attn)
             x = attn @ v
-        x = x.transpose(1, 2).reshape(B, N, C)
-        x = self.proj_drop(self.proj(x))
-        return x, mask
+        return self._project(x), mask
 
 
 def fuse_spatial_masks(

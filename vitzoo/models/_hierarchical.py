@@ -7,7 +7,7 @@ the input check, pooling / head and the official trunc-normal init. One stage lo
 
 A family builds its stem (``patch_embed``, if it has one) and stages in ``__init__`` between
 ``super().__init__(num_classes, global_pool)`` and :meth:`HierarchicalShell._init_head`, and overrides only what
-differs: where the stages live (``stages_name``: timm's Swin calls them ``layers``), their output layout
+differs: where the stages live (``trunk_name``: timm's Swin calls them ``layers``), their output layout
 (``output_fmt``), :meth:`HierarchicalShell._embed`, :meth:`HierarchicalShell._pool`, ``group_matcher``,
 ``no_weight_decay`` and ``init_weights``.
 
@@ -20,8 +20,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Un
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models._features import feature_take_indices
 
+from ._base import ModelInterfaceMixin
 from ._helpers import init_weights_trunc_normal
 
 __all__ = ['HierarchicalShell', 'stage_agent_blocks', 'stage_build_kwargs', 'agent_cfg']
@@ -41,10 +41,10 @@ def stage_agent_blocks(attn_type: str, depths: Sequence[int]) -> List[int]:
     return [d if c == 'A' else 0 if c == 'B' else min(int(suffix), d) for c, d in zip(letters, depths)]
 
 
-class HierarchicalShell(nn.Module):
+class HierarchicalShell(ModelInterfaceMixin, nn.Module):
     """A pyramid of stages (stem, stages, final norm, pooled linear head) whose stem and stages a family supplies.
 
-    Subclass attributes: ``stages_name`` (the ``nn.Sequential`` of stages), ``output_fmt`` (layout of the stage
+    Subclass attributes: ``trunk_name`` (the ``nn.Sequential`` of stages), ``output_fmt`` (layout of the stage
     outputs, 'NHWC' or 'NCHW'), ``stride_name`` (the name of ``patch_size``, which input sides must be multiples of,
     in the error message) and ``min_size`` (smallest input side, 0 = any).
 
@@ -53,7 +53,8 @@ class HierarchicalShell(nn.Module):
         global_pool: 'avg' (mean of the last map) or '' (no pooling: ``forward_head`` returns the map).
     """
 
-    stages_name: str = 'stages'
+    trunk_name: str = 'stages'
+    intermediate_fmts = ('NCHW', 'NHWC')
     output_fmt: str = 'NHWC'
     stride_name: str = 'patch size'
     min_size: int = 0
@@ -64,11 +65,6 @@ class HierarchicalShell(nn.Module):
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.grad_checkpointing = False
-
-    @staticmethod
-    def _check_global_pool(global_pool: str) -> None:
-        if global_pool not in ('avg', ''):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
 
     @staticmethod
     def _drop_path_rates(drop_path_rate: float, depths: Sequence[int]) -> List[List[float]]:
@@ -83,11 +79,9 @@ class HierarchicalShell(nn.Module):
         self.head = self._make_head(self.num_classes)
         self.init_weights()
 
-    def _make_head(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
     def _stages(self) -> nn.Sequential:
-        return getattr(self, self.stages_name)
+        # the name vitzoo.mm's backbones use for the trunk
+        return self._trunk()
 
     def init_weights(self) -> None:
         """The official init: trunc_normal(.02) Linear with zero bias, unit LayerNorms; convs keep PyTorch's default."""
@@ -103,7 +97,7 @@ class HierarchicalShell(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict:
-        s = self.stages_name
+        s = self.trunk_name
         return dict(
             stem=r'^patch_embed',
             blocks=rf'^{s}\.(\d+)' if coarse else [
@@ -114,20 +108,9 @@ class HierarchicalShell(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-        for stage in self._stages():
+        super().set_grad_checkpointing(enable)
+        for stage in self._trunk():
             stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self._check_global_pool(global_pool)
-            self.global_pool = global_pool
-        self.head = self._make_head(num_classes)
 
     # ---- the stage loop -------------------------------------------------------------------------------------------
 
@@ -170,7 +153,7 @@ class HierarchicalShell(nn.Module):
         Returns:
             ``(final-normed last map in the stage layout, [taken stage outputs])``.
         """
-        stages = self._stages()
+        stages = self._trunk()
         last = len(stages) - 1
         if stop_index is not None:
             stages = stages[:stop_index + 1]
@@ -203,28 +186,11 @@ class HierarchicalShell(nn.Module):
             output_fmt: 'NCHW' or 'NHWC'.
             intermediates_only: Return only the intermediates.
         """
-        if output_fmt not in ('NCHW', 'NHWC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self._stages()), indices)
-        x, intermediates = self._forward_stages(x, take_indices, norm, max_index if stop_early else None, output_fmt)
+        take_indices, stop_index = self._take_indices(indices, stop_early, output_fmt)
+        x, intermediates = self._forward_stages(x, take_indices, norm, stop_index, output_fmt)
         if intermediates_only:
             return intermediates
         return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages (and optionally norm / head) after the last of ``indices``; returns the kept indices."""
-        take_indices, max_index = feature_take_indices(len(self._stages()), indices)
-        setattr(self, self.stages_name, self._stages()[:max_index + 1])
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> the normalised last-stage map, in the stage layout."""

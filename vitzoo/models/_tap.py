@@ -6,14 +6,15 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import checkpoint
-from timm.models._features import feature_take_indices
+
+from ._base import ModelInterfaceMixin
 
 __all__ = ['TapTransformer', 'tap_build_kwargs', 'tap_cfg']
 
 Grid = Tuple[int, int]
 
 
-class TapTransformer(nn.Module):
+class TapTransformer(ModelInterfaceMixin, nn.Module):
     """Base of :class:`~vitzoo.models.fan.FAN` and :class:`~vitzoo.models.rvt.RVT`.
 
     Blocks are called ``blk(x, hw, return_attn) -> (x, attn)`` on (B, N, C) tokens of the ``hw`` grid. Subclasses
@@ -27,8 +28,6 @@ class TapTransformer(nn.Module):
     ``forward_intermediates``) keeps the map of each block it runs, for :meth:`pop_attention`. Only then is the
     attention materialised; otherwise the blocks may use fused attention.
     """
-
-    global_pools: Tuple[str, ...] = ('avg', '')
 
     def __init__(self):
         super().__init__()
@@ -102,13 +101,6 @@ class TapTransformer(nn.Module):
             self._recorded = attns
         return x, hw, taken, attns
 
-    def _take_indices(self, indices: Optional[Union[int, List[int]]], stop_early: bool,
-                      output_fmt: str) -> Tuple[List[int], Optional[int]]:
-        if output_fmt not in ('NCHW', 'NLC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        return take_indices, max_index if stop_early else None
-
     def _format(self, y: torch.Tensor, hw: Grid, norm: bool, output_fmt: str) -> torch.Tensor:
         """Tokens as an intermediate: the final norm if asked (and of the final width), (B, C, h, w) for 'NCHW'."""
         if norm and y.shape[-1] == self.num_features:
@@ -145,21 +137,6 @@ class TapTransformer(nn.Module):
             return intermediates
         return self._final(x), intermediates
 
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the blocks after the last of ``indices`` (and norm / classifier if asked); returns the kept indices."""
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
-
     def forward_features(self, x: torch.Tensor, return_attn: bool = False):
         """``forward_features`` output (family specific); with ``return_attn`` also the list of block maps."""
         x, hw = self._embed(x)
@@ -173,26 +150,6 @@ class TapTransformer(nn.Module):
             x, attns = self.forward_features(x, return_attn=True)
             return self.forward_head(x), attns
         return self.forward_head(self.forward_features(x))
-
-    def _check_global_pool(self, global_pool: str) -> None:
-        if global_pool not in self.global_pools:
-            names = ', '.join(repr(p) for p in self.global_pools[:-1]) + f' or {self.global_pools[-1]!r}'
-            raise ValueError(f'global_pool must be {names}, got {global_pool!r}')
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self._check_global_pool(global_pool)
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
 def tap_build_kwargs(pretrained_filter_fn: Callable, out_indices: int = 3, **kwargs) -> Dict[str, Any]:

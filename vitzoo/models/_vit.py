@@ -1,16 +1,16 @@
 """The DeiT-style ViT shell shared by the vitzoo families built on DeiT (Agent-DeiT, SAT, Sparsifiner).
 
 :class:`DeiTShell` holds what those models have in common: patch embedding at any resolution, class token and
-position table, timm's interface (``no_weight_decay``, ``group_matcher``, grad checkpointing, classifier access,
-``forward_intermediates`` / ``prune_intermediate_layers``), pooling / head and the DeiT init. A family subclasses it
+position table, timm's interface (``no_weight_decay``, ``group_matcher``, ``forward_intermediates``; the rest from
+:class:`~vitzoo.models._base.ModelInterfaceMixin`), pooling / head and the DeiT init. A family subclasses it
 and overrides only its hooks: how a block is built (``block_fn``) and run (:meth:`DeiTShell._run_block`, with the
 per-call :class:`BlockState`, as timm's ``eva.py`` passes ``rope`` to its blocks), what happens between blocks
 (token pruning), the token layout and the head. One block loop (:meth:`DeiTShell._forward_tokens`) serves
 ``forward_features``, ``forward_intermediates`` and the families' extra forwards.
 
-:class:`PreNormBlock` is the transformer block around any attention; :func:`adapt_embeddings` is the position half of
-every family's ``checkpoint_filter_fn``; :func:`deit_build_kwargs` and :func:`deit_cfg` the shared parts of their
-``_create_*`` and pretrained cfgs.
+:class:`PreNormBlock` (from :mod:`._blocks`, importable here too) is the transformer block around any attention;
+:func:`adapt_embeddings` is the position half of every family's ``checkpoint_filter_fn``; :func:`deit_build_kwargs`
+and :func:`deit_cfg` the shared parts of their ``_create_*`` and pretrained cfgs.
 """
 from dataclasses import dataclass
 from functools import partial
@@ -19,11 +19,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Ty
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models import checkpoint
-from timm.models._features import feature_take_indices
 
-from ._helpers import Mlp, embed_patches, init_weights_trunc_normal
+from ._base import ModelInterfaceMixin
+from ._blocks import PreNormBlock
+from ._helpers import embed_patches, init_weights_trunc_normal
 
 __all__ = ['BlockState', 'PreNormBlock', 'DeiTShell', 'adapt_embeddings', 'deit_build_kwargs', 'deit_cfg']
 
@@ -37,62 +38,7 @@ class BlockState:
     hw: Tuple[int, int]
 
 
-class PreNormBlock(nn.Module):
-    """The pre-norm transformer block around a family's attention (timm / DeiT parameter names).
-
-    ``x + drop_path1(attn(norm1(x), *args))``, then ``x + drop_path2(mlp(norm2(x)))``. An attention that returns
-    ``(out, aux)`` makes the block return ``(x, aux)``.
-
-    Args:
-        dim: Width.
-        num_heads: Heads.
-        attn_layer: Attention class, called as ``attn_layer(dim, num_heads=, qkv_bias=, attn_drop=, proj_drop=,
-            **attn_kwargs)``.
-        mlp_ratio: MLP expansion.
-        qkv_bias: Bias in qkv.
-        proj_drop: Dropout after the projections / MLP.
-        attn_drop: Attention dropout.
-        drop_path: Stochastic depth rate.
-        act_layer: MLP activation.
-        norm_layer: Norm.
-        attn_kwargs: The attention's own arguments.
-    """
-
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            attn_layer: Callable[..., nn.Module],
-            mlp_ratio: float = 4.0,
-            qkv_bias: bool = True,
-            proj_drop: float = 0.0,
-            attn_drop: float = 0.0,
-            drop_path: float = 0.0,
-            act_layer: Callable = nn.GELU,
-            norm_layer: Callable = nn.LayerNorm,
-            **attn_kwargs: Any,
-    ):
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = attn_layer(
-            dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **attn_kwargs)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-
-    def forward(self, x: torch.Tensor, *args: Any) -> Union[torch.Tensor, Tuple[torch.Tensor, Any]]:
-        y = self.attn(self.norm1(x), *args)
-        if isinstance(y, tuple):
-            y, aux = y
-            return self._mlp_residual(x + self.drop_path1(y)), aux
-        return self._mlp_residual(x + self.drop_path1(y))
-
-    def _mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
-
-
-class DeiTShell(nn.Module):
+class DeiTShell(ModelInterfaceMixin, nn.Module):
     """A DeiT (class token, absolute position table, blocks, final norm, head) whose blocks a family supplies.
 
     Hooks a family overrides (only what differs from DeiT):
@@ -186,14 +132,6 @@ class DeiTShell(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
 
-    def _make_head(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-
-    def _check_global_pool(self, global_pool: str) -> None:
-        if global_pool not in self.global_pools:
-            names = ', '.join(repr(p) for p in self.global_pools[:-1]) + f' or {self.global_pools[-1]!r}'
-            raise ValueError(f'global_pool must be {names}, got {global_pool!r}')
-
     def _token_names(self) -> List[str]:
         return [n for n, _ in self.named_parameters(recurse=False)]
 
@@ -214,21 +152,6 @@ class DeiTShell(nn.Module):
     def group_matcher(self, coarse: bool = False) -> Dict:
         stem = '|'.join(self._token_names() + ['patch_embed'])
         return dict(stem=f'^{stem}', blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self._check_global_pool(global_pool)
-            self.global_pool = global_pool
-        self.head = self._make_head(num_classes)
 
     # ---- the block loop -------------------------------------------------------------------------------------------
 
@@ -321,10 +244,8 @@ class DeiTShell(nn.Module):
             output_fmt: 'NCHW' or 'NLC'.
             intermediates_only: Return only the intermediates.
         """
-        if output_fmt not in ('NCHW', 'NLC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        x, state, taken = self._forward_tokens(x, take_indices, norm, max_index if stop_early else None)
+        take_indices, stop_index = self._take_indices(indices, stop_early, output_fmt)
+        x, state, taken = self._forward_tokens(x, take_indices, norm, stop_index)
         intermediates = [patches for patches, _ in taken]
         if output_fmt == 'NCHW':
             intermediates = [self._to_map(y, state.hw) for y in intermediates]
@@ -333,21 +254,6 @@ class DeiTShell(nn.Module):
         if intermediates_only:
             return intermediates
         return self._output(x, state), intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the blocks (and optionally norm / head) after the last of ``indices``; returns the kept indices."""
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[:max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x, state, _ = self._forward_tokens(x)

@@ -19,10 +19,11 @@ from timm.layers import Attention, use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 
 from vitzoo.layers.agent_attention import AgentAttention
+from ._blocks import PreNormBlock
 from ._builder import build_model_with_cfg
 from ._helpers import adapt_submodules, check_state_dict, unwrap_state_dict
 from ._manifest import manifest_cfg
-from ._vit import DeiTShell, PreNormBlock, adapt_embeddings, deit_build_kwargs, deit_cfg
+from ._vit import DeiTShell, adapt_embeddings, deit_build_kwargs, deit_cfg
 
 __all__ = ['AgentVisionTransformer']
 

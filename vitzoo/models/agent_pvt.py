@@ -39,12 +39,13 @@ from timm.layers import to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import checkpoint, generate_default_cfgs, register_model
 
 from vitzoo.layers.agent_attention import AgentAttention
+from vitzoo.layers.attention import MultiHeadAttention
 from vitzoo.layers.sdpa import use_sdpa
+from ._blocks import PreNormBlock
 from ._builder import build_model_with_cfg
 from ._helpers import adapt_submodules, check_state_dict, sizes_match, unwrap_state_dict
 from ._hierarchical import HierarchicalShell, agent_cfg, stage_build_kwargs
 from ._manifest import manifest_cfg
-from ._vit import PreNormBlock
 
 __all__ = ['AgentPVT', 'AgentPVTStage']
 
@@ -52,7 +53,7 @@ _logger = logging.getLogger(__name__)
 
 
 
-class SpatialReductionAttention(nn.Module):
+class SpatialReductionAttention(MultiHeadAttention):
     """PVT v1 spatial-reduction attention: softmax attention whose keys / values come from a strided-conv map.
 
     Args:
@@ -65,6 +66,7 @@ class SpatialReductionAttention(nn.Module):
         norm_layer: Norm after the reduction (the official code uses LayerNorm with eps 1e-5 here).
     """
     fused_attn: Final[bool]
+    error_prefix = 'SpatialReductionAttention: '
 
     def __init__(
             self,
@@ -76,20 +78,9 @@ class SpatialReductionAttention(nn.Module):
             sr_ratio: int = 1,
             norm_layer: Callable = nn.LayerNorm,
     ):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f'SpatialReductionAttention: dim {dim} must be divisible by num_heads {num_heads}')
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
+                         fused_attn=use_fused_attn(), separate_q=True)
         self.sr_ratio = sr_ratio
-        self.fused_attn = use_fused_attn()
-
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
         if sr_ratio > 1:
             self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
             self.norm = norm_layer(dim)
@@ -100,22 +91,20 @@ class SpatialReductionAttention(nn.Module):
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
         """Attend (B, h*w, C) tokens on the grid ``hw``."""
         B, N, C = x.shape
-        q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+        q = self._split_q(x)
         if self.sr is not None:
             x = self.sr(x.transpose(1, 2).reshape(B, C, hw[0], hw[1])).flatten(2).transpose(1, 2)
             x = self.norm(x)
-        # kv channels: k first, then v (official layout)
-        k, v = self.kv(x).reshape(B, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = self._split_kv(x)
         if self.fused_attn and use_sdpa(q, k, v):
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+            x = self._sdpa(q, k, v)
         else:
-            attn = (q @ k.transpose(-2, -1)) * self.scale
+            attn = self._logits(q, k)
             # fp32 softmax: the logits of a reduced-precision (autocast) forward can overflow in fp16
             attn = attn.float().softmax(dim=-1).to(v.dtype)
             attn = self.attn_drop(attn)
             x = attn @ v
-        x = x.transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
+        return self._project(x)
 
 
 class Block(PreNormBlock):

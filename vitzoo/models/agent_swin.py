@@ -48,11 +48,11 @@ from timm.models import checkpoint, generate_default_cfgs, register_model
 from vitzoo.layers.agent_attention import AgentAttention
 from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.layers.windows import pad_to_windows, padded_key_mask, window_padding, window_partition, window_reverse
+from ._blocks import PreNormBlock
 from ._builder import build_model_with_cfg
 from ._helpers import adapt_submodules, check_state_dict, unwrap_state_dict
 from ._hierarchical import HierarchicalShell, agent_cfg, stage_agent_blocks, stage_build_kwargs
 from ._manifest import manifest_cfg
-from ._vit import PreNormBlock
 
 __all__ = ['AgentSwinTransformer']
 
@@ -352,7 +352,7 @@ class AgentSwinTransformer(HierarchicalShell):
             Swin does).
     """
 
-    stages_name = 'layers'
+    trunk_name = 'layers'
 
     def __init__(
             self,

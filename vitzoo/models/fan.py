@@ -46,6 +46,7 @@ from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXtStage
 from timm.models.xcit import ClassAttentionBlock, PositionalEncodingFourier
 
+from vitzoo.layers.attention import MultiHeadAttention
 from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.layers.token_pooling import TokenPoolingMixin
 from ._builder import build_model_with_cfg
@@ -56,37 +57,25 @@ from ._tap import TapTransformer, tap_build_kwargs, tap_cfg
 __all__ = ['FAN']
 
 
-class TokenMixing(nn.Module):
+class TokenMixing(MultiHeadAttention):
     """FAN self-attention (separate ``q`` and ``kv`` projections); returns the attention map on request."""
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.,
                  proj_drop: float = 0.):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f'dim {dim} must be divisible by num_heads {num_heads}')
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
-        self.fused_attn = use_fused_attn()
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
+                         fused_attn=use_fused_attn(), separate_q=True)
 
     def forward(self, x: torch.Tensor, return_attn: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        B, N, C = x.shape
-        q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
-        k, v = self.kv(x).reshape(B, N, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q = self._split_q(x)
+        k, v = self._split_kv(x)
         attn = None
         if self.fused_attn and not return_attn and use_sdpa(q, k, v):
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
+            x = self._sdpa(q, k, v)
         else:
-            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # scale before the product, as FAN
             attn = self.attn_drop(attn)
             x = attn @ v
-        x = self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
-        return x, attn
+        return self._project(x), attn
 
 
 class DWConv(nn.Module):
@@ -454,7 +443,7 @@ class FAN(TapTransformer):
             for _ in range(cls_attn_layers)])
         self.norm = norm_layer(self.num_features)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = self._make_head(num_classes)
         self.init_weights(head_init_scale)
 
     def init_weights(self, head_init_scale: float = 1.) -> None:

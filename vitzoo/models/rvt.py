@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 
+from vitzoo.layers.attention import MultiHeadAttention
 from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.layers.token_pooling import TokenPoolingMixin
 from ._builder import build_model_with_cfg
@@ -66,22 +67,13 @@ def resize_att_mask(mask: torch.Tensor, old_hw: Tuple[int, int], new_hw: Tuple[i
     return m.reshape(h, nh * nw, nh * nw).transpose(1, 2).contiguous()
 
 
-class Attention(nn.Module):
+class Attention(MultiHeadAttention):
     """RVT self-attention, optionally with the multiplicative logit mask ``sigmoid(att_mask)``."""
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, attn_drop: float = 0.,
                  proj_drop: float = 0., use_mask: bool = False, grid_size: Tuple[int, int] = (14, 14)):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f'dim {dim} must be divisible by num_heads {num_heads}')
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
-        self.fused_attn = use_fused_attn()
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        super().__init__(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
+                         fused_attn=use_fused_attn())
         self.use_mask = use_mask
         self.grid_size = tuple(grid_size)
         if use_mask:
@@ -91,19 +83,17 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int],
                 return_attn: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self._split_qkv(x)
         attn = None
         if self.fused_attn and not return_attn and not self.use_mask and use_sdpa(q, k, v):
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.)
+            x = self._sdpa(q, k, v)
         else:
-            attn = (q @ k.transpose(-2, -1)) * self.scale
+            attn = self._logits(q, k)
             if self.use_mask:
                 attn = attn * torch.sigmoid(resize_att_mask(self.att_mask, self.grid_size, hw))
             attn = self.attn_drop(attn.softmax(dim=-1))
             x = attn @ v
-        x = self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
-        return x, attn
+        return self._project(x), attn
 
 
 class ConvMlp(nn.Module):
@@ -290,7 +280,7 @@ class RVT(TapTransformer):
         self.num_features = self.head_hidden_size = self.embed_dim = dims[-1]
         self.norm = norm_layer(dims[-1])  # after global pooling, as the original
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.head = self._make_head(num_classes)
         self.init_weights()
 
     def init_weights(self) -> None:

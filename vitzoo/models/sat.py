@@ -45,10 +45,11 @@ from timm.layers import use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 
 from vitzoo.layers.spatial_token import SpatialTokenAttention, fuse_spatial_masks
+from ._blocks import PreNormBlock
 from ._builder import build_model_with_cfg
 from ._helpers import check_state_dict, embed_patches, unwrap_state_dict
 from ._manifest import manifest_cfg
-from ._vit import BlockState, DeiTShell, PreNormBlock, adapt_embeddings, deit_build_kwargs, deit_cfg
+from ._vit import BlockState, DeiTShell, adapt_embeddings, deit_build_kwargs, deit_cfg
 
 __all__ = ['SATVisionTransformer']
 

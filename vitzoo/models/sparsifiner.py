@@ -66,9 +66,10 @@ from timm.layers import use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 
 from vitzoo.layers.sparse_attention import SparseAttention, mask_from_indices
+from ._blocks import PreNormBlock
 from ._builder import build_model_with_cfg
 from ._helpers import adapt_submodules, check_state_dict, unwrap_state_dict
-from ._vit import BlockState, DeiTShell, PreNormBlock, adapt_embeddings, deit_build_kwargs, deit_cfg
+from ._vit import BlockState, DeiTShell, adapt_embeddings, deit_build_kwargs, deit_cfg
 
 __all__ = ['SparsifinerVisionTransformer', 'sparsifiner_flops', 'TOKEN_SPARSE_KWARGS']
 

@@ -1,0 +1,80 @@
+"""timm's model interface, shared by the vitzoo shells (DeiT, TAP and pyramid families).
+
+:class:`ModelInterfaceMixin` holds the parts of timm's per-model interface that do not depend on the architecture:
+classifier access and reset (with the ``global_pool`` check), grad checkpointing, the ``forward_intermediates``
+argument check and ``prune_intermediate_layers``. A shell names its trunk (``trunk_name``: the blocks or stages that
+``indices`` count), the intermediate layouts it returns (``intermediate_fmts``) and its poolings (``global_pools``).
+"""
+from typing import List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.models._features import feature_take_indices
+
+__all__ = ['ModelInterfaceMixin']
+
+
+class ModelInterfaceMixin:
+    """timm's classifier / checkpointing / intermediates interface for an ``nn.Module`` with a ``head``.
+
+    The model sets ``num_classes``, ``global_pool``, ``num_features``, ``grad_checkpointing``, ``norm`` and ``head``;
+    ``trunk_name`` names its ``nn.ModuleList`` / ``nn.Sequential`` of blocks (or stages).
+    """
+
+    global_pools: Tuple[str, ...] = ('avg', '')
+    intermediate_fmts: Tuple[str, str] = ('NCHW', 'NLC')
+    trunk_name: str = 'blocks'
+
+    def _check_global_pool(self, global_pool: str) -> None:
+        if global_pool not in self.global_pools:
+            names = ', '.join(repr(p) for p in self.global_pools[:-1]) + f' or {self.global_pools[-1]!r}'
+            raise ValueError(f'global_pool must be {names}, got {global_pool!r}')
+
+    def _make_head(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _trunk(self) -> Union[nn.ModuleList, nn.Sequential]:
+        return getattr(self, self.trunk_name)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self._check_global_pool(global_pool)
+            self.global_pool = global_pool
+        self.head = self._make_head(num_classes)
+
+    def _take_indices(
+            self,
+            indices: Optional[Union[int, List[int]]],
+            stop_early: bool,
+            output_fmt: str,
+    ) -> Tuple[List[int], Optional[int]]:
+        """``forward_intermediates``' argument check: (trunk indices to take, last one to run or None for all)."""
+        if output_fmt not in self.intermediate_fmts:
+            a, b = self.intermediate_fmts
+            raise ValueError(f'output_fmt must be {a!r} or {b!r}, got {output_fmt!r}')
+        take_indices, max_index = feature_take_indices(len(self._trunk()), indices)
+        return take_indices, max_index if stop_early else None
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the trunk (and optionally norm / head) after the last of ``indices``; returns the kept indices."""
+        take_indices, max_index = feature_take_indices(len(self._trunk()), indices)
+        setattr(self, self.trunk_name, self._trunk()[:max_index + 1])
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
