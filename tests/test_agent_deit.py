@@ -1,10 +1,12 @@
-"""Agent-DeiT: parity with the official implementation, resolutions, checkpoints, sizes."""
+"""Agent-DeiT: parity with the official implementation, a checkpoint at another resolution, sizes.
+
+Any resolution, non-multiple inputs, checkpoint variants and bad checkpoints: the contract in test_models.py.
+"""
 import pytest
 import timm
 import torch
 
 import vitzoo  # noqa: F401
-from vitzoo.models import CheckpointError
 from vitzoo.utils import count_macs, count_params, explicit_attention
 
 from conftest import load_parity, parity_input
@@ -36,17 +38,6 @@ def test_parity_with_official(ref_name, model_name, fused, official_file):
     assert (y - ref['output']).abs().max().item() <= 1e-5
 
 
-def test_official_checkpoint_variants_load(official_file):
-    """Plain state_dict, DDP 'module.' prefix and 'state_dict' nesting all load to the same outputs."""
-    ref = load_parity('agent_deit_tiny-like.pt')
-    x = parity_input(ref)
-    sd = {'module.' + k: v for k, v in ref['state_dict'].items()}
-    for path in (official_file(ref['state_dict'], wrap=''), official_file(sd, wrap='state_dict')):
-        with torch.no_grad():
-            y = _build_from_ref(ref, 'agent_deit_tiny', path)(x)
-        assert (y - ref['output']).abs().max().item() <= 1e-5
-
-
 def test_checkpoint_into_other_resolution(official_file):
     """A 224 checkpoint loads into a model built at 448: pos table and agent biases are resized."""
     ref = load_parity('agent_deit_tiny-like.pt')
@@ -56,37 +47,6 @@ def test_checkpoint_into_other_resolution(official_file):
     with torch.no_grad():
         y = model(torch.nn.functional.interpolate(parity_input(ref), size=448))
     assert torch.isfinite(y).all()
-
-
-def test_any_resolution_and_224_unchanged():
-    model = timm.create_model('agent_deit_small', num_classes=10).eval()
-    x = torch.randn(1, 3, 224, 224)
-    with torch.no_grad():
-        y0 = model(x)
-        y288 = model(torch.randn(1, 3, 288, 288))
-        y_rect = model(torch.randn(2, 3, 320, 256))
-        y1 = model(x)
-    assert y288.shape == (1, 10) and y_rect.shape == (2, 10)
-    assert torch.isfinite(y288).all() and torch.isfinite(y_rect).all()
-    assert torch.equal(y0, y1)
-
-
-def test_non_multiple_input_is_a_clear_error():
-    model = timm.create_model('agent_deit_tiny', num_classes=10).eval()
-    with pytest.raises(ValueError, match='230x224 is not a multiple of the patch size 16'):
-        model(torch.randn(1, 3, 230, 224))
-
-
-def test_bad_checkpoint_names_key_and_shapes(official_file):
-    ref = load_parity('agent_deit_tiny-like.pt')
-    sd = dict(ref['state_dict'])
-    sd['blocks.1.attn.qkv.weight'] = torch.zeros(96, 64)
-    with pytest.raises(CheckpointError, match=r"'blocks\.1\.attn\.qkv\.weight' has shape \(96, 64\).*expects \(192, 64\)"):
-        _build_from_ref(ref, 'agent_deit_tiny', official_file(sd))
-    sd = dict(ref['state_dict'])
-    del sd['blocks.0.attn.dwc.weight']
-    with pytest.raises(CheckpointError, match=r"missing key 'blocks\.0\.attn\.dwc\.weight' \(expected shape \(64, 1, 3, 3\)\)"):
-        _build_from_ref(ref, 'agent_deit_tiny', official_file(sd))
 
 
 # name: (params in M, GMACs) measured from the official models
