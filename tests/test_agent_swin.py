@@ -226,12 +226,6 @@ def test_odd_stage_maps_are_padded_by_the_merging():
     assert all(torch.isfinite(f).all() for f in feats)
 
 
-def test_non_multiple_input_is_a_clear_error():
-    model = timm.create_model('agent_swin_tiny', num_classes=10, embed_dim=8, num_heads=(1, 2, 2, 4)).eval()
-    with pytest.raises(ValueError, match='226x224 is not a multiple of the patch size 4'):
-        model(torch.randn(1, 3, 226, 224))
-
-
 def test_bad_attn_type():
     with pytest.raises(ValueError, match='attn_type'):
         timm.create_model('agent_swin_tiny', attn_type='AAXB')
