@@ -94,16 +94,6 @@ def test_sparsity_stats_match_official(ref, official_file):
     assert abs(float(sparsity) - stats['attn_mask_sparsity']) < 1e-6
 
 
-def test_official_checkpoint_variants_load(ref, official_file):
-    """Plain state_dict, DDP 'module.' prefix and the official save format (model + model_ema) load the same."""
-    x = parity_input(ref)
-    sd = {'module.' + k: v for k, v in ref['state_dict'].items()}
-    for path in (official_file(ref['state_dict'], wrap=''), official_file(sd, wrap='state_dict')):
-        with torch.no_grad():
-            y = _build_from_ref(ref, path)(x)
-        assert (y - ref['output']).abs().max().item() <= 1e-5
-
-
 def test_bad_checkpoint_names_key_and_shapes(ref, official_file):
     sd = dict(ref['state_dict'])
     sd['blocks.1.attn.mask_predictor.proj_c_q.weight'] = torch.zeros(8, 32)
@@ -175,12 +165,6 @@ def test_any_resolution(ref, official_file):
     up, down = resize_token_projection(p, (8, 8), (4, 4)), resize_token_projection(p, (8, 8), (4, 4), rescale=True)
     torch.testing.assert_close(down[1:], up[1:] / 4)
     assert torch.equal(up[0], p[0])
-
-
-def test_non_multiple_input_is_a_clear_error():
-    model = timm.create_model('sparsifiner_deit_small', num_classes=10, **SMALL).eval()
-    with pytest.raises(ValueError, match='230x224 is not a multiple of the patch size 16'):
-        model(torch.randn(1, 3, 230, 224))
 
 
 def test_budget_and_mask_helpers():
