@@ -291,10 +291,6 @@ def test_any_resolution_non_square():
         assert fan.blocks[0].pred_scale.shape == (2, 4, 10, 14)
         y, attn = rvt(x, return_attn=True)
         assert y.shape == (2, 3) and [a.shape[-1] for a in attn] == [140, 140, 35]
-    with pytest.raises(ValueError, match='200x224 is not a multiple of the patch size 16'):
-        fan(torch.randn(1, 3, 200, 224))
-    with pytest.raises(ValueError, match='needs at least 16 px'):
-        rvt(torch.randn(1, 3, 12, 64))
 
 
 def test_dense_intermediates_and_attention_recording():
