@@ -77,7 +77,7 @@ def _stride(model: nn.Module) -> int:
     return max(i['reduction'] for i in model.feature_info)
 
 
-# ------------------------------------------------------------------------------------------------- every registered name
+# ---------------------------------------------------------------------------------------------- every registered name
 
 def test_registry_is_populated():
     assert {'agent_deit_tiny', 'agent_deit_small', 'agent_deit_small_448', 'agent_deit_base'} <= set(MODELS)
@@ -289,10 +289,10 @@ def test_bad_checkpoint_names_the_key(family, tmp_path):
     model = _tiny(family)
     sd = model.state_dict()
     key, shape = _probe_key(model)
-    bad = dict(sd)
-    bad[key] = torch.zeros(shape[0] * 2, *shape[1:])
     wrong = (shape[0] * 2, *shape[1:])
-    with pytest.raises(CheckpointError, match=rf"'{re.escape(key)}' has shape {_shape(wrong)}.*expects {_shape(shape)}"):
+    bad = dict(sd, **{key: torch.zeros(wrong)})
+    msg = rf"'{re.escape(key)}' has shape {_shape(wrong)}.*expects {_shape(shape)}"
+    with pytest.raises(CheckpointError, match=msg):
         _pretrained(family, _save(tmp_path / 'shape.pth', bad))
     bad = dict(sd)
     del bad[key]
