@@ -268,7 +268,6 @@ def test_core_reaches_integrations_only_lazily(package):
     assert not _eager_integrations(package)
 
 
-@pytest.mark.xfail(strict=True, reason='until the _builder switch')
 def test_no_import_cycle(package):
     assert find_cycle(import_graph(package)) is None
 
@@ -278,7 +277,7 @@ def test_tools_do_not_edit_sys_path():
     assert not _sys_path_violations(_scripts('tools'))
 
 
-@pytest.mark.xfail(strict=True, reason='private vitzoo imports in tools / tests / integrations (being removed)')
+@pytest.mark.xfail(strict=True, reason='tests/test_agent_attention.py imports vitzoo.models._helpers (being removed)')
 def test_no_private_import_outside_its_package(package):
     assert not _private_import_violations(package, _scripts('tools', 'tests'))
 
