@@ -54,7 +54,7 @@ This module imports only torch.
 """
 import fractions
 import math
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -65,8 +65,8 @@ from .attention import MultiHeadAttention
 from .sdpa import use_sdpa
 
 __all__ = [
-    'ConnectivityPredictor', 'SparseAttention', 'resize_token_projection', 'attention_budget', 'mask_from_indices',
-    'topk_nonneg',
+    'PREDICTOR_ARGS', 'ConnectivityPredictor', 'SparseAttention', 'resize_token_projection', 'attention_budget',
+    'mask_from_indices', 'topk_nonneg',
 ]
 
 
@@ -157,6 +157,10 @@ def mask_from_indices(
     mask[:, :, :num_prefix_tokens] = True
     mask[:, :, num_prefix_tokens:].scatter_(-1, idx, True)
     return mask
+
+
+# ConnectivityPredictor's arguments that the attention and the model pass through from their callers
+PREDICTOR_ARGS = ('rank', 'reduce_n_factor', 'reduce_c_factor', 'basis_topk', 'basis_threshold', 'share_inout_proj')
 
 
 class ConnectivityPredictor(nn.Module):
@@ -365,17 +369,14 @@ class SparseAttention(MultiHeadAttention):
         num_heads: Heads.
         grid_size: Construction patch grid (sets the predictor's token projections).
         keep_rate: Attention keep ratio ρ (budget ⌈ρ·n⌉ keys per query row).
-        rank: Predictor rank (None: n // reduce_n_factor).
-        reduce_n_factor: See :class:`ConnectivityPredictor`.
-        reduce_c_factor: See :class:`ConnectivityPredictor`.
-        basis_topk: See :class:`ConnectivityPredictor`.
-        basis_threshold: See :class:`ConnectivityPredictor`.
-        share_inout_proj: See :class:`ConnectivityPredictor`.
         qkv_bias: Bias in qkv.
         attn_drop: Attention dropout (not applied by the original, which ignores its ``attn_drop_rate``).
         proj_drop: Output dropout.
         num_prefix_tokens: Leading non-patch tokens (dense query rows).
         fused_attn: Use ``F.scaled_dot_product_attention`` (else the explicit masked softmax).
+        predictor_kwargs: The predictor's own arguments (:data:`PREDICTOR_ARGS`: ``rank``, ``reduce_n_factor``,
+            ``reduce_c_factor``, ``basis_topk``, ``basis_threshold``, ``share_inout_proj``; see
+            :class:`ConnectivityPredictor`).
     """
 
     def __init__(
@@ -384,17 +385,12 @@ class SparseAttention(MultiHeadAttention):
             num_heads: int = 8,
             grid_size: Tuple[int, int] = (14, 14),
             keep_rate: float = 0.25,
-            rank: Optional[int] = None,
-            reduce_n_factor: int = 6,
-            reduce_c_factor: int = 2,
-            basis_topk: int = 8,
-            basis_threshold: float = 0.02,
-            share_inout_proj: bool = False,
             qkv_bias: bool = True,
             attn_drop: float = 0.0,
             proj_drop: float = 0.0,
             num_prefix_tokens: int = 1,
             fused_attn: bool = True,
+            **predictor_kwargs: Any,
     ):
         if dim % num_heads == 0 and keep_rate <= 0:  # checked before the base builds its projections
             raise ValueError(f'keep_rate must be > 0, got {keep_rate}')
@@ -405,9 +401,7 @@ class SparseAttention(MultiHeadAttention):
         self.attn_recon = False  # phase-1 mode (only in train mode); set by the model
         self.mask_grad = True  # straight-through mask gradient to the predictor (see the module docstring)
         self.mask_predictor = ConnectivityPredictor(
-            self.head_dim, num_heads, grid_size=grid_size, rank=rank, reduce_n_factor=reduce_n_factor,
-            reduce_c_factor=reduce_c_factor, basis_topk=basis_topk, basis_threshold=basis_threshold,
-            share_inout_proj=share_inout_proj, num_prefix_tokens=num_prefix_tokens)
+            self.head_dim, num_heads, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens, **predictor_kwargs)
 
     def budget(self, grid: Tuple[int, int], num_active: int) -> int:
         """Kept keys per predicted query row for an image grid with ``num_active`` tokens present."""

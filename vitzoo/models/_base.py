@@ -5,13 +5,25 @@ classifier access and reset (with the ``global_pool`` check), grad checkpointing
 argument check and ``prune_intermediate_layers``. A shell names its trunk (``trunk_name``: the blocks or stages that
 ``indices`` count), the intermediate layouts it returns (``intermediate_fmts``) and its poolings (``global_pools``).
 """
-from typing import List, Optional, Tuple, Union
+from functools import partial
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.models._features import feature_take_indices
 
-__all__ = ['ModelInterfaceMixin']
+__all__ = ['ModelInterfaceMixin', 'default_layers']
+
+
+def default_layers(
+        norm_layer: Optional[Callable],
+        act_layer: Optional[Callable],
+        norm_eps: Optional[float] = 1e-6,
+) -> Tuple[Callable, Callable]:
+    """A model's norm and activation, defaulting to LayerNorm (eps ``norm_eps``; None: PyTorch's 1e-5) and GELU."""
+    if norm_layer is None:
+        norm_layer = nn.LayerNorm if norm_eps is None else partial(nn.LayerNorm, eps=norm_eps)
+    return norm_layer, act_layer or nn.GELU
 
 
 class ModelInterfaceMixin:
@@ -24,6 +36,19 @@ class ModelInterfaceMixin:
     global_pools: Tuple[str, ...] = ('avg', '')
     intermediate_fmts: Tuple[str, str] = ('NCHW', 'NLC')
     trunk_name: str = 'blocks'
+
+    def _init_interface(self, num_classes: int, global_pool: str) -> None:
+        """Check ``global_pool`` and set the interface's attributes: the start of a model's ``__init__``."""
+        self._check_global_pool(global_pool)
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.grad_checkpointing = False
+
+    def _init_head(self, norm: nn.Module, drop_rate: float) -> None:
+        """Register the final ``norm``, ``head_drop`` and ``head`` (after the trunk: checkpoint order)."""
+        self.norm = norm
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = self._make_head(self.num_classes)
 
     def _check_global_pool(self, global_pool: str) -> None:
         if global_pool not in self.global_pools:

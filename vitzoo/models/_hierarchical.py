@@ -61,10 +61,7 @@ class HierarchicalShell(ModelInterfaceMixin, nn.Module):
 
     def __init__(self, num_classes: int, global_pool: str):
         super().__init__()
-        self._check_global_pool(global_pool)
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.grad_checkpointing = False
+        self._init_interface(num_classes, global_pool)
 
     @staticmethod
     def _drop_path_rates(drop_path_rate: float, depths: Sequence[int]) -> List[List[float]]:
@@ -74,9 +71,7 @@ class HierarchicalShell(ModelInterfaceMixin, nn.Module):
 
     def _init_head(self, norm: nn.Module, drop_rate: float) -> None:
         """Register the final ``norm``, ``head_drop`` and ``head`` (after the stages: checkpoint order), then init."""
-        self.norm = norm
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = self._make_head(self.num_classes)
+        super()._init_head(norm, drop_rate)
         self.init_weights()
 
     def _stages(self) -> nn.Sequential:

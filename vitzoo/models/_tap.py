@@ -18,10 +18,10 @@ class TapTransformer(ModelInterfaceMixin, nn.Module):
     """Base of :class:`~vitzoo.models.fan.FAN` and :class:`~vitzoo.models.rvt.RVT`.
 
     Blocks are called ``blk(x, hw, return_attn) -> (x, attn)`` on (B, N, C) tokens of the ``hw`` grid. Subclasses
-    build ``blocks``, ``norm``, ``head``, set ``num_features`` / ``num_classes`` / ``global_pool`` /
-    ``grad_checkpointing`` and implement ``_embed`` (images -> tokens, grid) and ``forward_head``; the hooks
-    ``_block_grid`` (grid of a block's output), ``_after_block`` (a transition between blocks) and ``_final`` (last
-    block's tokens -> ``forward_features`` output) default to nothing.
+    call ``super().__init__(num_classes, global_pool, num_prefix_tokens, num_scales)``, build ``blocks``, set
+    ``num_features``, register the final norm and head with ``_init_head`` and implement ``_embed`` (images ->
+    tokens, grid) and ``forward_head``; the hooks ``_block_grid`` (grid of a block's output), ``_after_block`` (a
+    transition between blocks) and ``_final`` (last block's tokens -> ``forward_features`` output) default to nothing.
 
     Attention maps for ADL (:mod:`vitzoo.losses.adl`): ``model(x, return_attn=True)`` returns ``(logits, attn)``, one
     post-softmax (B, heads, N, N) map per block. Inside ``with model.record_attention():`` every forward (also
@@ -29,8 +29,11 @@ class TapTransformer(ModelInterfaceMixin, nn.Module):
     attention materialised; otherwise the blocks may use fused attention.
     """
 
-    def __init__(self):
+    def __init__(self, num_classes: int, global_pool: str, num_prefix_tokens: int, num_scales: int):
         super().__init__()
+        self._init_interface(num_classes, global_pool)
+        self.num_prefix_tokens = num_prefix_tokens
+        self.num_scales = num_scales
         self._recording = False
         self._recorded: Optional[List[torch.Tensor]] = None
 

@@ -13,7 +13,6 @@ per-call :class:`BlockState`, as timm's ``eva.py`` passes ``rope`` to its blocks
 and :func:`deit_cfg` the shared parts of their ``_create_*`` and pretrained cfgs.
 """
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Type, Union
 
 import torch
@@ -22,7 +21,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models import checkpoint
 
-from ._base import ModelInterfaceMixin
+from ._base import ModelInterfaceMixin, default_layers
 from ._blocks import PreNormBlock
 from ._helpers import embed_patches, init_weights_trunc_normal
 
@@ -96,13 +95,10 @@ class DeiTShell(ModelInterfaceMixin, nn.Module):
             **kwargs,
     ):
         super().__init__()
-        self._check_global_pool(global_pool)
-        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
-        self.num_classes = num_classes
-        self.global_pool = global_pool
+        self._init_interface(num_classes, global_pool)
+        norm_layer, act_layer = default_layers(norm_layer, act_layer)
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
-        self.grad_checkpointing = False
         self.patch_size = patch_size
 
         self.patch_embed = PatchEmbed(
@@ -116,13 +112,11 @@ class DeiTShell(ModelInterfaceMixin, nn.Module):
         self.blocks = nn.ModuleList([
             block_fn(
                 i, grid_size=grid, dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], act_layer=act_layer or nn.GELU,
+                proj_drop=proj_drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], act_layer=act_layer,
                 norm_layer=norm_layer)
             for i in range(depth)])
         self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=patch_size) for i in range(depth)]
-        self.norm = norm_layer(embed_dim)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = self._make_head(num_classes)
+        self._init_head(norm_layer(embed_dim), drop_rate)
         self.init_weights()
 
     # ---- construction hooks ---------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from vitzoo.layers.agent_attention import AgentAttention, split_qkv
 from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.layers.windows import pad_to_windows, padded_key_mask, window_padding, window_partition, window_reverse
+from ._base import default_layers
 from ._builder import build_model_with_cfg
 from ._helpers import Mlp, adapt_submodules, check_state_dict, unwrap_state_dict
 from ._hierarchical import HierarchicalShell, agent_cfg, stage_agent_blocks, stage_build_kwargs
@@ -359,8 +360,7 @@ class AgentCSwinTransformer(HierarchicalShell):
             **kwargs,
     ):
         super().__init__(num_classes, global_pool)
-        norm_layer = norm_layer or nn.LayerNorm
-        act_layer = act_layer or nn.GELU
+        norm_layer, act_layer = default_layers(norm_layer, act_layer, norm_eps=None)
         depth = list(depth)
         if len(depth) != 4:
             raise ValueError(f'depth needs 4 stages, got {depth}')

@@ -27,7 +27,6 @@ checkpointing. Written for vitzoo.
 import logging
 import math
 import re
-from functools import partial
 from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -41,6 +40,7 @@ from timm.models import checkpoint, generate_default_cfgs, register_model
 from vitzoo.layers.agent_attention import AgentAttention
 from vitzoo.layers.attention import MultiHeadAttention
 from vitzoo.layers.sdpa import use_sdpa
+from ._base import default_layers
 from ._blocks import PreNormBlock
 from ._builder import build_model_with_cfg
 from ._helpers import adapt_submodules, check_state_dict, sizes_match, unwrap_state_dict
@@ -303,8 +303,7 @@ class AgentPVT(HierarchicalShell):
                           ('agent_num', agent_num), ('attn_type', attn_type)):
             if len(seq) < num_stages:
                 raise ValueError(f'AgentPVT: {name} needs one entry per stage ({num_stages}), got {seq!r}')
-        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
-        act_layer = act_layer or nn.GELU
+        norm_layer, act_layer = default_layers(norm_layer, act_layer)
         img_size = to_2tuple(img_size)
         self.patch_size = patch_size
         self.min_size = patch_size * 2 ** (num_stages - 1)

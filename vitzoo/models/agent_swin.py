@@ -48,6 +48,7 @@ from timm.models import checkpoint, generate_default_cfgs, register_model
 from vitzoo.layers.agent_attention import AgentAttention
 from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.layers.windows import pad_to_windows, padded_key_mask, window_padding, window_partition, window_reverse
+from ._base import default_layers
 from ._blocks import PreNormBlock
 from ._builder import build_model_with_cfg
 from ._helpers import adapt_submodules, check_state_dict, unwrap_state_dict
@@ -386,8 +387,7 @@ class AgentSwinTransformer(HierarchicalShell):
         if len(num_heads) != len(depths) or len(agent_num) < len(depths):
             raise ValueError(f'depths {depths}, num_heads {num_heads} and agent_num {agent_num} must have one entry '
                              f'per stage')
-        norm_layer = norm_layer or nn.LayerNorm
-        act_layer = act_layer or nn.GELU
+        norm_layer, act_layer = default_layers(norm_layer, act_layer, norm_eps=None)
         self.patch_size = patch_size
         num_stages = len(depths)
         dims = [int(embed_dim * 2 ** i) for i in range(num_stages)]

@@ -52,6 +52,7 @@ from vitzoo.layers.token_pooling import TokenPoolingMixin
 from ._builder import build_model_with_cfg
 from ._helpers import finish_tap_state_dict, init_weights_trunc_normal, unwrap_state_dict
 from ._manifest import manifest_cfg
+from ._base import default_layers
 from ._tap import TapTransformer, tap_build_kwargs, tap_cfg
 
 __all__ = ['FAN']
@@ -396,19 +397,12 @@ class FAN(TapTransformer):
             act_layer: Optional[Callable] = None,
             **kwargs,
     ):
-        super().__init__()
-        self._check_global_pool(global_pool)
-        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
-        act_layer = act_layer or nn.GELU
+        super().__init__(num_classes, global_pool, num_prefix_tokens=1, num_scales=num_scales)
+        norm_layer, act_layer = default_layers(norm_layer, act_layer)
         num_heads = [num_heads] * depth if isinstance(num_heads, int) else list(num_heads)
         channel_dims = [embed_dim] * depth if channel_dims is None else list(channel_dims)
         if len(num_heads) != depth or len(channel_dims) != depth:
             raise ValueError(f'num_heads and channel_dims need {depth} entries')
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.num_scales = num_scales
-        self.num_prefix_tokens = 1
-        self.grad_checkpointing = False
         self.patch_size = patch_size
 
         if backbone_depths is not None:
@@ -441,9 +435,7 @@ class FAN(TapTransformer):
                 self.num_features, num_heads[-1], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
                 attn_drop=attn_drop_rate, act_layer=act_layer, norm_layer=norm_layer, eta=eta, tokens_norm=tokens_norm)
             for _ in range(cls_attn_layers)])
-        self.norm = norm_layer(self.num_features)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = self._make_head(num_classes)
+        self._init_head(norm_layer(self.num_features), drop_rate)
         self.init_weights(head_init_scale)
 
     def init_weights(self, head_init_scale: float = 1.) -> None:

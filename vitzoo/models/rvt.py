@@ -43,6 +43,7 @@ from vitzoo.layers.token_pooling import TokenPoolingMixin
 from ._builder import build_model_with_cfg
 from ._helpers import CheckpointError, finish_tap_state_dict, sizes_match, unwrap_state_dict
 from ._manifest import manifest_cfg
+from ._base import default_layers
 from ._tap import TapTransformer, tap_build_kwargs, tap_cfg
 
 __all__ = ['RVT']
@@ -239,20 +240,13 @@ class RVT(TapTransformer):
             act_layer: Optional[Callable] = None,
             **kwargs,
     ):
-        super().__init__()
-        self._check_global_pool(global_pool)
+        super().__init__(num_classes, global_pool, num_prefix_tokens=0, num_scales=num_scales)
         if not len(base_dims) == len(depth) == len(heads):
             raise ValueError('base_dims, depth and heads need one entry per stage')
         if use_mask and masked_block is None:
             raise ValueError('use_mask needs masked_block')
-        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
-        act_layer = act_layer or nn.GELU
+        norm_layer, act_layer = default_layers(norm_layer, act_layer)
         dims = [b * h for b, h in zip(base_dims, heads)]
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.num_scales = num_scales
-        self.num_prefix_tokens = 0
-        self.grad_checkpointing = False
 
         self.patch_embed = ConvEmbed(in_chans, dims[0], patch_size)
         grid = self.patch_embed.grid(to_2tuple(img_size))
@@ -278,9 +272,7 @@ class RVT(TapTransformer):
                 grid = tuple((g - 1) // 2 + 1 for g in grid)
                 reduction *= 2
         self.num_features = self.head_hidden_size = self.embed_dim = dims[-1]
-        self.norm = norm_layer(dims[-1])  # after global pooling, as the original
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = self._make_head(num_classes)
+        self._init_head(norm_layer(dims[-1]), drop_rate)  # the norm comes after global pooling, as the original
         self.init_weights()
 
     def init_weights(self) -> None:

@@ -65,7 +65,7 @@ import torch.nn as nn
 from timm.layers import use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 
-from vitzoo.layers.sparse_attention import SparseAttention, mask_from_indices
+from vitzoo.layers.sparse_attention import PREDICTOR_ARGS, SparseAttention, mask_from_indices
 from ._blocks import PreNormBlock
 from ._builder import build_model_with_cfg
 from ._helpers import adapt_submodules, check_state_dict, unwrap_state_dict
@@ -137,9 +137,11 @@ class SparsifinerVisionTransformer(DeiTShell):
         token_pruning_loc: Blocks after which tokens are pruned (official 3, 6, 9).
         attn_recon: Phase-1 mode: in train mode, dense attention and the signed-basis predictor.
         mask_grad: Straight-through gradient from the sparse attention to the predictor in train mode.
-        kwargs: The ViT arguments of :class:`~vitzoo.models._vit.DeiTShell` (``img_size`` sets the position table and
-            the predictor's token projections), e.g. ``global_pool`` ('token' or 'avg': mean of the kept patch
-            tokens), ``drop_path_rate``.
+        kwargs: The predictor's arguments above (``rank`` ... ``share_inout_proj``:
+            :data:`~vitzoo.layers.sparse_attention.PREDICTOR_ARGS`, passed to every block; absent ones take the
+            predictor's defaults) and the ViT arguments of :class:`~vitzoo.models._vit.DeiTShell` (``img_size`` sets
+            the position table and the predictor's token projections), e.g. ``global_pool`` ('token' or 'avg': mean
+            of the kept patch tokens), ``drop_path_rate``.
     """
 
     state_cls = _SparsifinerState
@@ -151,12 +153,6 @@ class SparsifinerVisionTransformer(DeiTShell):
             depth: int = 12,
             num_heads: int = 6,
             attn_keep_rate: Union[float, Sequence[float]] = 0.25,
-            rank: Optional[int] = None,
-            reduce_n_factor: int = 6,
-            reduce_c_factor: int = 2,
-            basis_topk: int = 8,
-            basis_threshold: float = 0.02,
-            share_inout_proj: bool = False,
             token_keep_rate: float = 1.0,
             token_pruning_loc: Sequence[int] = (3, 6, 9),
             attn_recon: bool = False,
@@ -167,12 +163,10 @@ class SparsifinerVisionTransformer(DeiTShell):
         if not 0 < token_keep_rate <= 1:
             raise ValueError(f'token_keep_rate must be in (0, 1], got {token_keep_rate}')
         keep = _per_layer(attn_keep_rate, depth, 'attn_keep_rate')
+        predictor_args = {k: kwargs.pop(k) for k in PREDICTOR_ARGS if k in kwargs}  # defaults: the predictor's
 
         def block_fn(i: int, **block_args) -> Block:
-            return Block(
-                **block_args, keep_rate=keep[i], rank=rank, reduce_n_factor=reduce_n_factor,
-                reduce_c_factor=reduce_c_factor, basis_topk=basis_topk, basis_threshold=basis_threshold,
-                share_inout_proj=share_inout_proj)
+            return Block(**block_args, keep_rate=keep[i], **predictor_args)
 
         super().__init__(block_fn, embed_dim=embed_dim, depth=depth, num_heads=num_heads, **kwargs)
         self.token_keep_rate = float(token_keep_rate)
