@@ -28,6 +28,7 @@ class PreNormBlock(nn.Module):
         drop_path: Stochastic depth rate.
         act_layer: MLP activation.
         norm_layer: Norm.
+        mlp_layer: MLP class, called as ``mlp_layer(dim, hidden, act_layer=, drop=)``.
         attn_kwargs: The attention's own arguments.
     """
 
@@ -43,6 +44,7 @@ class PreNormBlock(nn.Module):
             drop_path: float = 0.0,
             act_layer: Callable = nn.GELU,
             norm_layer: Callable = nn.LayerNorm,
+            mlp_layer: Callable[..., nn.Module] = Mlp,
             **attn_kwargs: Any,
     ):
         super().__init__()
@@ -51,7 +53,7 @@ class PreNormBlock(nn.Module):
             dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop, **attn_kwargs)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.mlp = mlp_layer(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor, *args: Any) -> Union[torch.Tensor, Tuple[torch.Tensor, Any]]:

@@ -8,8 +8,8 @@ from timm.layers import Mlp as _TimmMlp
 from timm.layers import trunc_normal_
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-__all__ = ['CheckpointError', 'unwrap_state_dict', 'check_state_dict', 'adapt_submodules', 'embed_patches', 'sizes_match',
-           'init_weights_trunc_normal', 'Mlp']
+__all__ = ['CheckpointError', 'unwrap_state_dict', 'check_state_dict', 'adapt_submodules', 'finish_state_dict',
+           'embed_patches', 'sizes_match', 'init_weights_trunc_normal', 'Mlp']
 
 
 def sizes_match(a: Tuple[int, ...], b: Tuple[int, ...]) -> bool:
@@ -122,6 +122,18 @@ def init_weights_trunc_normal(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
+def finish_state_dict(out: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Last steps of a checkpoint filter on the renamed ``out``: :func:`adapt_submodules`, then
+    :func:`check_state_dict` (classifier keys skipped).
+
+    Returns:
+        ``out``.
+    """
+    adapt_submodules(model, out)
+    check_state_dict(out, model, skip_prefixes=('head.',))
+    return out
+
+
 def finish_tap_state_dict(
         out: Dict[str, torch.Tensor],
         model: nn.Module,
@@ -172,7 +184,8 @@ def embed_patches(
     H, W = x.shape[-2:]
     p = model.patch_size
     if H % p or W % p or H < p or W < p:
-        raise ValueError(f'{type(model).__name__}: input size {H}x{W} is not a multiple of the patch size {p} (at least one patch)')
+        raise ValueError(
+            f'{type(model).__name__}: input size {H}x{W} is not a multiple of the patch size {p} (at least one patch)')
     # timm's PatchEmbed.forward without its size asserts (checked above): their messages format the size, which makes
     # torch.compile(dynamic=True) specialise the graph to it
     pe = model.patch_embed

@@ -51,7 +51,7 @@ from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.layers.windows import pad_to_windows, padded_key_mask, window_padding, window_partition, window_reverse
 from ._base import default_layers
 from ._builder import build_model_with_cfg
-from ._helpers import Mlp, adapt_submodules, check_state_dict, unwrap_state_dict
+from ._helpers import Mlp, finish_state_dict, unwrap_state_dict
 from ._hierarchical import HierarchicalShell, agent_cfg, stage_agent_blocks, stage_build_kwargs
 from ._manifest import manifest_cfg
 
@@ -427,9 +427,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: AgentCSwinTransformer) -> Dict
     raising :class:`~vitzoo.models._helpers.CheckpointError` that names the key.
     """
     out = {_remap_key(k): v for k, v in unwrap_state_dict(state_dict).items()}
-    adapt_submodules(model, out)
-    check_state_dict(out, model, skip_prefixes=('head.',))
-    return out
+    return finish_state_dict(out, model)
 
 
 def _create_agent_cswin(variant: str, pretrained: bool = False, **kwargs) -> AgentCSwinTransformer:

@@ -21,7 +21,7 @@ from timm.models import generate_default_cfgs, register_model
 from vitzoo.layers.agent_attention import AgentAttention
 from ._blocks import PreNormBlock
 from ._builder import build_model_with_cfg
-from ._helpers import adapt_submodules, check_state_dict, unwrap_state_dict
+from ._helpers import finish_state_dict, unwrap_state_dict
 from ._manifest import manifest_cfg
 from ._vit import DeiTShell, adapt_embeddings, deit_build_kwargs, deit_cfg
 
@@ -103,9 +103,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: AgentVisionTransformer) -> Dic
     Resizes the position table and the agent row/column biases when the model was built at another resolution, then
     checks every key and shape, raising :class:`~vitzoo.models._helpers.CheckpointError` that names the key.
     """
-    out = adapt_submodules(model, adapt_embeddings(unwrap_state_dict(state_dict), model))
-    check_state_dict(out, model, skip_prefixes=('head.',))
-    return out
+    return finish_state_dict(adapt_embeddings(unwrap_state_dict(state_dict), model), model)
 
 
 def _create_agent_deit(variant: str, pretrained: bool = False, **kwargs) -> AgentVisionTransformer:

@@ -43,7 +43,7 @@ from vitzoo.layers.sdpa import use_sdpa
 from ._base import default_layers
 from ._blocks import PreNormBlock
 from ._builder import build_model_with_cfg
-from ._helpers import adapt_submodules, check_state_dict, sizes_match, unwrap_state_dict
+from ._helpers import finish_state_dict, sizes_match, unwrap_state_dict
 from ._hierarchical import HierarchicalShell, agent_cfg, stage_build_kwargs
 from ._manifest import manifest_cfg
 
@@ -386,9 +386,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: AgentPVT) -> Dict[str, torch.T
             if n:
                 break
         out[k] = v
-    adapt_submodules(model, out)
-    check_state_dict(out, model, skip_prefixes=('head.',))
-    return out
+    return finish_state_dict(out, model)
 
 
 def _create_agent_pvt(variant: str, pretrained: bool = False, **kwargs) -> AgentPVT:

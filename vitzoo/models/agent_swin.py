@@ -51,7 +51,7 @@ from vitzoo.layers.windows import pad_to_windows, padded_key_mask, window_paddin
 from ._base import default_layers
 from ._blocks import PreNormBlock
 from ._builder import build_model_with_cfg
-from ._helpers import adapt_submodules, check_state_dict, unwrap_state_dict
+from ._helpers import finish_state_dict, unwrap_state_dict
 from ._hierarchical import HierarchicalShell, agent_cfg, stage_agent_blocks, stage_build_kwargs
 from ._manifest import manifest_cfg
 
@@ -442,9 +442,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: AgentSwinTransformer) -> Dict[
         if official:
             k = re.sub(r'^layers\.(\d+)\.downsample\.', lambda m: f'layers.{int(m.group(1)) + 1}.downsample.', k)
         out[k] = v
-    adapt_submodules(model, out)
-    check_state_dict(out, model, skip_prefixes=('head.',))
-    return out
+    return finish_state_dict(out, model)
 
 
 def _create_agent_swin(variant: str, pretrained: bool = False, **kwargs) -> AgentSwinTransformer:

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.layers import DropPath, to_2tuple, trunc_normal_, use_fused_attn
+from timm.layers import to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 
 from vitzoo.layers.attention import MultiHeadAttention
@@ -44,6 +44,7 @@ from ._builder import build_model_with_cfg
 from ._helpers import CheckpointError, finish_tap_state_dict, sizes_match, unwrap_state_dict
 from ._manifest import manifest_cfg
 from ._base import default_layers
+from ._blocks import PreNormBlock
 from ._tap import TapTransformer, tap_build_kwargs, tap_cfg
 
 __all__ = ['RVT']
@@ -120,8 +121,11 @@ class ConvMlp(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
 
-class Block(TokenPoolingMixin, nn.Module):
-    """RVT block, with TAP on the attention input when ``num_scales > 0`` (residual on the unpooled tokens)."""
+class Block(TokenPoolingMixin, PreNormBlock):
+    """RVT block, with TAP on the attention input when ``num_scales > 0`` (residual on the unpooled tokens).
+
+    A :class:`~vitzoo.models._blocks.PreNormBlock` with the RVT attention and conv MLP, both run on the token grid.
+    """
 
     def __init__(
             self,
@@ -138,20 +142,17 @@ class Block(TokenPoolingMixin, nn.Module):
             grid_size: Tuple[int, int] = (14, 14),
             num_scales: int = 0,
     ):
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
-                              use_mask=use_mask, grid_size=grid_size)
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        super().__init__(
+            dim, num_heads, Attention, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop,
+            attn_drop=attn_drop, drop_path=drop_path, act_layer=act_layer, norm_layer=norm_layer, mlp_layer=ConvMlp,
+            use_mask=use_mask, grid_size=grid_size)
         self.init_token_pooling(dim, num_scales)
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int],
                 return_attn: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         y, attn = self.attn(self.norm1(self.token_pool(x, hw)), hw, return_attn)
-        x = x + self.drop_path(y)
-        x = x + self.drop_path(self.mlp(self.norm2(x), hw))
+        x = x + self.drop_path1(y)
+        x = x + self.drop_path2(self.mlp(self.norm2(x), hw))
         return x, attn
 
 
