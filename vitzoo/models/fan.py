@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.layers import DropPath, LayerNorm2d, trunc_normal_, use_fused_attn
+from timm.layers import LayerNorm2d, trunc_normal_, use_fused_attn
 from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models.convnext import ConvNeXtStage
 from timm.models.xcit import ClassAttentionBlock, PositionalEncodingFourier
@@ -53,6 +53,7 @@ from ._builder import build_model_with_cfg
 from ._helpers import finish_tap_state_dict, init_weights_trunc_normal, unwrap_state_dict
 from ._manifest import manifest_cfg
 from ._base import default_layers
+from ._blocks import PreNormBlock
 from ._tap import TapTransformer, tap_build_kwargs, tap_cfg
 
 __all__ = ['FAN']
@@ -184,8 +185,11 @@ class OverlapPatchEmbed(nn.Module):
         return self.norm(x.flatten(2).transpose(1, 2))
 
 
-class FANBlock(TokenPoolingMixin, nn.Module):
+class FANBlock(TokenPoolingMixin, PreNormBlock):
     """FAN block (token mixing + channel processing), with TAP on the attention input when ``num_scales > 0``.
+
+    A :class:`~vitzoo.models._blocks.PreNormBlock` whose MLP is the channel processing (or the SE-MLP), with layer
+    scales ``gamma1`` / ``gamma2`` on both branches and an optional downsample after them.
 
     TAP (original ``TAPFANBlock``): the scale weights are predicted from the raw tokens, the attention reads
     ``norm1(TAP(x))`` and the residual adds to the unpooled ``x``.
@@ -207,17 +211,15 @@ class FANBlock(TokenPoolingMixin, nn.Module):
             se_mlp: bool = False,
             out_dim: Optional[int] = None,
     ):
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = TokenMixing(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        if se_mlp:
-            self.mlp = SEMlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        else:
-            self.mlp = ChannelProcessing(
-                dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, mlp_hidden_dim=int(dim * mlp_ratio),
-                act_layer=act_layer, drop=proj_drop, norm_layer=norm_layer)
+        def channel_processing(d: int, hidden: int, act_layer: Callable, drop: float) -> ChannelProcessing:
+            # the channel-processing "MLP" also has heads, a qkv bias, attention dropout and a norm of its own
+            return ChannelProcessing(d, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                                     mlp_hidden_dim=hidden, act_layer=act_layer, drop=drop, norm_layer=norm_layer)
+
+        super().__init__(
+            dim, num_heads, TokenMixing, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop,
+            attn_drop=attn_drop, drop_path=drop_path, act_layer=act_layer, norm_layer=norm_layer,
+            mlp_layer=SEMlp if se_mlp else channel_processing)
         self.gamma1 = nn.Parameter(eta * torch.ones(dim))
         self.gamma2 = nn.Parameter(eta * torch.ones(dim))
         self.downsample = OverlapPatchEmbed(dim, out_dim) if out_dim is not None and out_dim != dim else None
@@ -230,8 +232,8 @@ class FANBlock(TokenPoolingMixin, nn.Module):
             return_attn: bool = False,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         y, attn = self.attn(self.norm1(self.token_pool(x, hw)), return_attn)
-        x = x + self.drop_path(self.gamma1 * y)
-        x = x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x), hw))
+        x = x + self.drop_path1(self.gamma1 * y)
+        x = x + self.drop_path2(self.gamma2 * self.mlp(self.norm2(x), hw))
         if self.downsample is not None:
             x = self.downsample(x, hw)
         return x, attn
