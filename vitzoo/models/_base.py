@@ -89,6 +89,46 @@ class ModelInterfaceMixin:
         take_indices, max_index = feature_take_indices(len(self._trunk()), indices)
         return take_indices, max_index if stop_early else None
 
+    def _intermediates(
+            self,
+            x: torch.Tensor,
+            take_indices: List[int],
+            norm: bool,
+            stop_index: Optional[int],
+            output_fmt: str,
+            intermediates_only: bool,
+    ) -> Tuple[Optional[torch.Tensor], List[torch.Tensor]]:
+        """The shell's part of :meth:`forward_intermediates`: (final features, or None when only the intermediates
+        are asked for and the shell skips them; the taken outputs in ``output_fmt``)."""
+        raise NotImplementedError
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Outputs of selected blocks (or stages) as (B, C, h, w) maps, or in the shell's other layout.
+
+        The final output (first element unless ``intermediates_only``) equals ``forward_features``.
+
+        Args:
+            x: Input images.
+            indices: Take the last n blocks / stages if an int, these if a list, all if None.
+            norm: Apply the final norm to each intermediate of the final width.
+            stop_early: Stop after the last selected block / stage.
+            output_fmt: 'NCHW' or the shell's other layout (``intermediate_fmts``).
+            intermediates_only: Return only the intermediates.
+        """
+        take_indices, stop_index = self._take_indices(indices, stop_early, output_fmt)
+        x, intermediates = self._intermediates(x, take_indices, norm, stop_index, output_fmt, intermediates_only)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
     def prune_intermediate_layers(
             self,
             indices: Union[int, List[int]] = 1,

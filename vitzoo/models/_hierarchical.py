@@ -15,7 +15,7 @@ differs: where the stages live (``trunk_name``: timm's Swin calls them ``layers`
 :func:`stage_build_kwargs` and :func:`agent_cfg` are the shared parts of the families' ``_create_*`` and pretrained
 cfgs.
 """
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -160,32 +160,19 @@ class HierarchicalShell(ModelInterfaceMixin, nn.Module):
                 intermediates.append(self._to_fmt(self.norm(x) if norm and i == last else x, output_fmt))
         return self.norm(x), intermediates
 
-    # ---- forward --------------------------------------------------------------------------------------------------
-
-    def forward_intermediates(
+    def _intermediates(
             self,
             x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Stage outputs as (B, C, h, w) maps (or (B, h, w, C) with ``output_fmt='NHWC'``).
+            take_indices: List[int],
+            norm: bool,
+            stop_index: Optional[int],
+            output_fmt: str,
+            intermediates_only: bool,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        # stage outputs (B, C, h, w), or (B, h, w, C) with output_fmt='NHWC'; only the last stage has the norm's width
+        return self._forward_stages(x, take_indices, norm, stop_index, output_fmt)
 
-        Args:
-            x: Input images.
-            indices: Take the last n stages if an int, these stages if a list, all if None.
-            norm: Apply the final norm to the last stage's intermediate (the only one with its width).
-            stop_early: Stop after the last selected stage.
-            output_fmt: 'NCHW' or 'NHWC'.
-            intermediates_only: Return only the intermediates.
-        """
-        take_indices, stop_index = self._take_indices(indices, stop_early, output_fmt)
-        x, intermediates = self._forward_stages(x, take_indices, norm, stop_index, output_fmt)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
+    # ---- forward --------------------------------------------------------------------------------------------------
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> the normalised last-stage map, in the stage layout."""

@@ -1,6 +1,6 @@
 """Shared shell of the TAP families (FAN, RVT): one block loop, attention maps for ADL, the timm interface."""
 import contextlib
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -113,32 +113,21 @@ class TapTransformer(ModelInterfaceMixin, nn.Module):
         return y
 
     # timm interface
-    def forward_intermediates(
+    def _intermediates(
             self,
             x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Features of selected blocks as (B, C, h, w) maps (or (B, N, C) tokens with ``output_fmt='NLC'``).
-
-        Args:
-            x: Input images.
-            indices: Take the last n blocks if an int, these blocks if a list, all if None.
-            norm: Apply the final norm to each intermediate of the final width.
-            stop_early: Stop after the last selected block.
-            output_fmt: 'NCHW' or 'NLC'.
-            intermediates_only: Return only the intermediates.
-        """
-        take_indices, last = self._take_indices(indices, stop_early, output_fmt)
+            take_indices: List[int],
+            norm: bool,
+            stop_index: Optional[int],
+            output_fmt: str,
+            intermediates_only: bool,
+    ) -> Tuple[Optional[torch.Tensor], List[torch.Tensor]]:
+        # block outputs (B, C, h, w), or (B, N, C) tokens with output_fmt='NLC'
         x, hw = self._embed(x)
-        x, hw, taken, _ = self._run_blocks(x, hw, take_indices=take_indices, last=last)
+        x, hw, taken, _ = self._run_blocks(x, hw, take_indices=take_indices, last=stop_index)
         intermediates = [self._format(y, grid, norm, output_fmt) for y, grid in taken]
-        if intermediates_only:
-            return intermediates
-        return self._final(x), intermediates
+        # no _final (FAN: the class-attention blocks) when only the intermediates are returned
+        return (None if intermediates_only else self._final(x)), intermediates
 
     def forward_features(self, x: torch.Tensor, return_attn: bool = False):
         """``forward_features`` output (family specific); with ``return_attn`` also the list of block maps."""
