@@ -89,15 +89,8 @@ class ModelInterfaceMixin:
         take_indices, max_index = feature_take_indices(len(self._trunk()), indices)
         return take_indices, max_index if stop_early else None
 
-    def _intermediates(
-            self,
-            x: torch.Tensor,
-            take_indices: List[int],
-            norm: bool,
-            stop_index: Optional[int],
-            output_fmt: str,
-            intermediates_only: bool,
-    ) -> Tuple[Optional[torch.Tensor], List[torch.Tensor]]:
+    def _intermediates(self, x: torch.Tensor, take_indices: List[int], norm: bool, stop_index: Optional[int],
+                       output_fmt: str, intermediates_only: bool) -> Tuple[Optional[torch.Tensor], List[torch.Tensor]]:
         """The shell's part of :meth:`forward_intermediates`: (final features, or None when only the intermediates
         are asked for and the shell skips them; the taken outputs in ``output_fmt``)."""
         raise NotImplementedError

@@ -160,15 +160,8 @@ class HierarchicalShell(ModelInterfaceMixin, nn.Module):
                 intermediates.append(self._to_fmt(self.norm(x) if norm and i == last else x, output_fmt))
         return self.norm(x), intermediates
 
-    def _intermediates(
-            self,
-            x: torch.Tensor,
-            take_indices: List[int],
-            norm: bool,
-            stop_index: Optional[int],
-            output_fmt: str,
-            intermediates_only: bool,
-    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    def _intermediates(self, x: torch.Tensor, take_indices: List[int], norm: bool, stop_index: Optional[int],
+                       output_fmt: str, intermediates_only: bool) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         # stage outputs (B, C, h, w), or (B, h, w, C) with output_fmt='NHWC'; only the last stage has the norm's width
         return self._forward_stages(x, take_indices, norm, stop_index, output_fmt)
 

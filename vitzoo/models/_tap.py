@@ -113,15 +113,8 @@ class TapTransformer(ModelInterfaceMixin, nn.Module):
         return y
 
     # timm interface
-    def _intermediates(
-            self,
-            x: torch.Tensor,
-            take_indices: List[int],
-            norm: bool,
-            stop_index: Optional[int],
-            output_fmt: str,
-            intermediates_only: bool,
-    ) -> Tuple[Optional[torch.Tensor], List[torch.Tensor]]:
+    def _intermediates(self, x: torch.Tensor, take_indices: List[int], norm: bool, stop_index: Optional[int],
+                       output_fmt: str, intermediates_only: bool) -> Tuple[Optional[torch.Tensor], List[torch.Tensor]]:
         # block outputs (B, C, h, w), or (B, N, C) tokens with output_fmt='NLC'
         x, hw = self._embed(x)
         x, hw, taken, _ = self._run_blocks(x, hw, take_indices=take_indices, last=stop_index)
