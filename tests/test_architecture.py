@@ -277,7 +277,6 @@ def test_tools_do_not_edit_sys_path():
     assert not _sys_path_violations(_scripts('tools'))
 
 
-@pytest.mark.xfail(strict=True, reason='tests/test_agent_attention.py imports vitzoo.models._helpers (being removed)')
 def test_no_private_import_outside_its_package(package):
     assert not _private_import_violations(package, _scripts('tools', 'tests'))
 

@@ -11,7 +11,7 @@ import pkgutil as _pkgutil
 from ._builder import (  # noqa: F401  (timm's layout: the builder's public names live in the models package)
     ChecksumError, UnsafeCheckpointError, WeightsError, build_model_with_cfg, find_weights_file, load_checkpoint,
     resolve_pretrained, safe_load, select_state_dict, sha256sum, verify_sha256)
-from ._helpers import CheckpointError, check_state_dict, unwrap_state_dict  # noqa: F401
+from ._helpers import CheckpointError, Mlp, check_state_dict, unwrap_state_dict  # noqa: F401
 from ._manifest import (  # noqa: F401
     MANIFEST_ENV, load_manifest, manifest_cfg, manifest_entry, manifest_path, no_weights_reason)
 

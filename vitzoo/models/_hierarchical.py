@@ -74,10 +74,6 @@ class HierarchicalShell(ModelInterfaceMixin, nn.Module):
         super()._init_head(norm, drop_rate)
         self.init_weights()
 
-    def _stages(self) -> nn.Sequential:
-        # the name vitzoo.mm's backbones use for the trunk
-        return self._trunk()
-
     def init_weights(self) -> None:
         """The official init: trunc_normal(.02) Linear with zero bias, unit LayerNorms; convs keep PyTorch's default."""
         self.apply(init_weights_trunc_normal)

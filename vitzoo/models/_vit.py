@@ -108,7 +108,7 @@ class DeiTShell(ModelInterfaceMixin, nn.Module):
         self._make_tokens(embed_dim, grid[0] * grid[1])
         self.pos_drop = nn.Dropout(pos_drop_rate)
 
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, depth, device='cpu')]
         self.blocks = nn.ModuleList([
             block_fn(
                 i, grid_size=grid, dim=embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
