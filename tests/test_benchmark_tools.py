@@ -1,20 +1,10 @@
 """tools/benchmark.py and tools/bench_agentsd.py run end to end (tiny sizes) and report what their tables claim."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f'_vitzoo_tool_{name}', ROOT / 'tools' / f'{name}.py')
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_tool as _load
 
 
 def _positive(x) -> bool:
@@ -52,6 +42,20 @@ def test_benchmark_models_and_agent_suites(tmp_path, capsys):
     import csv
     with open(out / 'models.csv') as f:  # every table is also a CSV next to the JSON
         assert [r['res'] for r in csv.DictReader(f)] == ['32', '64']
+
+
+def test_benchmark_compile_suite(tmp_path):
+    """The compile suite compiles, checks the compiled logits against eager and times eval and training both ways."""
+    bench = _load('benchmark')
+    out = tmp_path / 'bench'
+    assert bench.main(['--suite', 'compile', '--compile-models', 'agent_deit_tiny', '--compile-backend', 'aot_eager',
+                       '-b', '1', '--repeats', '2', '--output', str(out)]) == 0
+    (row,) = json.loads((out / 'benchmark.json').read_text())['compile']
+    assert row['model'] == 'agent_deit_tiny' and row['backend'] == 'aot_eager'
+    assert row['max_abs_diff'] < 1e-4
+    for k in ('eval_ms', 'eval_compiled_ms', 'eval_speedup', 'train_ms', 'train_compiled_ms', 'train_speedup'):
+        assert _positive(row[k]), k
+    assert row['compile_eval_s'] >= 0 and row['compile_train_s'] >= 0
 
 
 def test_benchmark_sparsifiner_suite(tmp_path):

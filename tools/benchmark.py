@@ -20,6 +20,9 @@ Suites (``--suite``, several allowed):
               reported) and vs the timm counterpart, and the peak RSS of one step, each candidate in a fresh process.
               Sparsifiner, SAT and TAP-FAN/RVT have no official code importable as a model: timm only. The official
               CSwin needs ``einops``.
+  compile     ``torch.compile`` (inductor) vs eager for ``--compile-models``: the first call's compile time, then eval
+              (no-grad forward) and training-step (fp32, fwd + loss + bwd) medians of interleaved calls, and the
+              max |diff| of the compiled logits (the speed-up is per model and machine: measure, do not assume).
 
 Every timing is the median of ``--repeats`` interleaved measurements, so the ratios printed are robust to a noisy
 machine. Results are printed as tables and written to ``<output>/benchmark.json`` (and one CSV per table).
@@ -28,6 +31,7 @@ Examples:
     python tools/benchmark.py --suite models --model 'agent_*' --img-size 224 448
     python tools/benchmark.py --suite agent --official-dir ~/src/Agent-Attention -b 8
     python tools/benchmark.py --suite train --official-dir ~/src/Agent-Attention -b 8 --threads 1 --timer cpu
+    python tools/benchmark.py --suite compile --compile-models agent_pvt_tiny agent_swin_tiny -b 8
 """
 import argparse
 import csv
@@ -532,7 +536,56 @@ def _train_probe(name: str, size: int, which: str, batch: int, dtype: str, args)
     print((_proc_status_kib('VmHWM') - base) / 1024)
 
 
-SUITES = {'models': suite_models, 'agent': suite_agent, 'sparsifiner': suite_sparsifiner, 'train': suite_train}
+def suite_compile(args, results: Dict) -> None:
+    """Eval and training-step speed of ``torch.compile(model)`` (inductor, static shapes) vs the eager model.
+
+    Per model at 224² and batch ``-b``: the wall time of the first compiled call (eval and train compile separately),
+    the median eval / train-step times of ``--repeats`` interleaved calls, the speed-ups as medians of the per-round
+    ratios (eager / compiled) and the max |diff| of the compiled eval logits to eager.
+    """
+    clock = CLOCKS[args.timer]
+    rows = []
+    for name in list_models(args.compile_models):
+        torch.manual_seed(0)
+        model = timm.create_model(name)
+        compiled = torch.compile(model, backend=args.compile_backend)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(args.batch_size, 3, 224, 224, generator=g)
+        y = torch.randint(0, model.num_classes, (args.batch_size,), generator=g)
+        row = dict(model=name, batch=args.batch_size, backend=args.compile_backend)
+        model.eval()
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = compiled(x)
+            row['compile_eval_s'] = round(time.perf_counter() - t0, 1)
+            row['max_abs_diff'] = float((out - model(x)).abs().max())
+
+            def infer(m):
+                return lambda: m(x)
+            times = interleaved_times({'eager': infer(model), 'compiled': infer(compiled)}, args.repeats, clock=clock)
+        row['eval_ms'] = round(statistics.median(times['eager']) * 1e3, 1)
+        row['eval_compiled_ms'] = round(statistics.median(times['compiled']) * 1e3, 1)
+        row['eval_speedup'] = round(statistics.median([e / c for e, c in zip(times['eager'], times['compiled'])]), 3)
+        model.train()
+        steps = {k: _train_step(m, x, y, 'fp32', 'none') for k, m in (('eager', model), ('compiled', compiled))}
+        t0 = time.perf_counter()
+        steps['compiled']()
+        row['compile_train_s'] = round(time.perf_counter() - t0, 1)
+        times = interleaved_times(steps, args.repeats, clock=clock)
+        row['train_ms'] = round(statistics.median(times['eager']) * 1e3, 1)
+        row['train_compiled_ms'] = round(statistics.median(times['compiled']) * 1e3, 1)
+        row['train_speedup'] = round(statistics.median([e / c for e, c in zip(times['eager'], times['compiled'])]), 3)
+        rows.append(row)
+        print('  ' + ', '.join(f'{k}={_fmt(v)}' for k, v in row.items()), flush=True)  # compiling takes minutes
+        del model, compiled
+        torch._dynamo.reset()
+    results['compile'] = rows
+    print_table(f'torch.compile ({args.compile_backend}) vs eager, 224², CPU, {torch.get_num_threads()} threads, {args.timer} time, '
+                f'median of {args.repeats} interleaved (speed-up = eager / compiled)', rows, args.out)
+
+
+SUITES = {'models': suite_models, 'agent': suite_agent, 'sparsifiner': suite_sparsifiner, 'train': suite_train,
+          'compile': suite_compile}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -548,6 +601,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--official-dir', default=None, help='checkout of LeapLabTHU/Agent-Attention (agent suite)')
     p.add_argument('--output', default='output/benchmark', help='folder for benchmark.json and CSV tables')
     p.add_argument('--train-models', nargs='*', default=TRAIN_MODELS, help='models for the train suite')
+    p.add_argument('--compile-models', nargs='*', default=['agent_deit_tiny', 'agent_pvt_tiny', 'agent_swin_tiny',
+                                                           'agent_cswin_tiny'], help='models for the compile suite')
+    p.add_argument('--compile-backend', default='inductor',
+                   help="compile suite: torch.compile backend ('inductor'; 'aot_eager' checks the graphs only)")
     p.add_argument('--train-img-size', type=int, nargs='+', default=[224, 448],
                    help='resolutions for the train suite (batch: -b up to 224², shrunk with the token count above)')
     p.add_argument('--train-dtypes', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'bf16'],
