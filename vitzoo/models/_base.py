@@ -89,12 +89,6 @@ class ModelInterfaceMixin:
         take_indices, max_index = feature_take_indices(len(self._trunk()), indices)
         return take_indices, max_index if stop_early else None
 
-    def _intermediates(self, x: torch.Tensor, take_indices: List[int], norm: bool, stop_index: Optional[int],
-                       output_fmt: str, intermediates_only: bool) -> Tuple[Optional[torch.Tensor], List[torch.Tensor]]:
-        """The shell's part of :meth:`forward_intermediates`: (final features, or None when only the intermediates
-        are asked for and the shell skips them; the taken outputs in ``output_fmt``)."""
-        raise NotImplementedError
-
     def forward_intermediates(
             self,
             x: torch.Tensor,
@@ -106,7 +100,9 @@ class ModelInterfaceMixin:
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Outputs of selected blocks (or stages) as (B, C, h, w) maps, or in the shell's other layout.
 
-        The final output (first element unless ``intermediates_only``) equals ``forward_features``.
+        The final output (first element unless ``intermediates_only``) equals ``forward_features``. The shell supplies
+        ``_intermediates(x, take_indices, norm, stop_index, output_fmt, intermediates_only)`` -> (final features, or
+        None when only the intermediates are asked for and it skips them; the taken outputs in ``output_fmt``).
 
         Args:
             x: Input images.

@@ -20,8 +20,9 @@ class TapTransformer(ModelInterfaceMixin, nn.Module):
     Blocks are called ``blk(x, hw, return_attn) -> (x, attn)`` on (B, N, C) tokens of the ``hw`` grid. Subclasses
     call ``super().__init__(num_classes, global_pool, num_prefix_tokens, num_scales)``, build ``blocks``, set
     ``num_features``, register the final norm and head with ``_init_head`` and implement ``_embed`` (images ->
-    tokens, grid) and ``forward_head``; the hooks ``_block_grid`` (grid of a block's output), ``_after_block`` (a
-    transition between blocks) and ``_final`` (last block's tokens -> ``forward_features`` output) default to nothing.
+    tokens, grid); ``forward_head`` pools the class token ('token') or the other tokens ('avg'); the hooks
+    ``_block_grid`` (grid of a block's output), ``_after_block`` (a transition between blocks) and ``_final`` (last
+    block's tokens -> ``forward_features`` output) default to nothing.
 
     Attention maps for ADL (:mod:`vitzoo.losses.adl`): ``model(x, return_attn=True)`` returns ``(logits, attn)``, one
     post-softmax (B, heads, N, N) map per block. Inside ``with model.record_attention():`` every forward (also
@@ -37,10 +38,7 @@ class TapTransformer(ModelInterfaceMixin, nn.Module):
         self._recording = False
         self._recorded: Optional[List[torch.Tensor]] = None
 
-    # subclass hooks
-    def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Grid]:
-        raise NotImplementedError
-
+    # subclass hooks (``_embed`` has no default: every family embeds its own way)
     def _block_grid(self, blk: nn.Module, hw: Grid) -> Grid:
         return hw
 
@@ -51,7 +49,13 @@ class TapTransformer(ModelInterfaceMixin, nn.Module):
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        raise NotImplementedError
+        """Pool (class token, or the mean of the other tokens), dropout, classifier."""
+        if self.global_pool == 'token':
+            x = x[:, 0]
+        elif self.global_pool == 'avg':
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
 
     # attention recording
     @contextlib.contextmanager

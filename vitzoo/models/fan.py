@@ -554,14 +554,6 @@ class FAN(TapTransformer):
             self.cls_attn_blocks = nn.ModuleList()
         return take_indices
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == 'token':
-            x = x[:, 0]
-        elif self.global_pool == 'avg':
-            x = x[:, self.num_prefix_tokens:].mean(dim=1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
 
 def checkpoint_filter_fn(state_dict: Dict, model: FAN) -> Dict[str, torch.Tensor]:
     """Load an official (TAP-)FAN checkpoint into ``model``.
