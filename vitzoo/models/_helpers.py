@@ -165,8 +165,7 @@ def finish_tap_state_dict(
     for k, v in target.items():
         if k.endswith('num_batches_tracked') and k not in out:
             out[k] = v.clone()
-    check_state_dict(out, model, skip_prefixes=('head.',))
-    return out
+    return finish_state_dict(out, model)
 
 
 def embed_patches(

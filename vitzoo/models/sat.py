@@ -47,7 +47,7 @@ from timm.models import generate_default_cfgs, register_model
 from vitzoo.layers.spatial_token import SpatialTokenAttention, fuse_spatial_masks
 from ._blocks import PreNormBlock
 from ._builder import build_model_with_cfg
-from ._helpers import check_state_dict, embed_patches, unwrap_state_dict
+from ._helpers import embed_patches, finish_state_dict, unwrap_state_dict
 from ._manifest import manifest_cfg
 from ._vit import BlockState, DeiTShell, adapt_embeddings, deit_build_kwargs, deit_cfg
 
@@ -216,8 +216,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: SATVisionTransformer) -> Dict[
         for k in kept:
             out[k] = target[k]
         _logger.info(f'Initialised from a DeiT checkpoint; {", ".join(kept)} keep their random init.')
-    check_state_dict(out, model, skip_prefixes=('head.',))
-    return out
+    return finish_state_dict(out, model)
 
 
 def _create_sat(variant: str, pretrained: bool = False, **kwargs) -> SATVisionTransformer:

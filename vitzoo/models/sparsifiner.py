@@ -68,7 +68,7 @@ from timm.models import generate_default_cfgs, register_model
 from vitzoo.layers.sparse_attention import PREDICTOR_ARGS, SparseAttention, mask_from_indices
 from ._blocks import PreNormBlock
 from ._builder import build_model_with_cfg
-from ._helpers import adapt_submodules, check_state_dict, unwrap_state_dict
+from ._helpers import finish_state_dict, unwrap_state_dict
 from ._vit import BlockState, DeiTShell, adapt_embeddings, deit_build_kwargs, deit_cfg
 
 __all__ = ['SparsifinerVisionTransformer', 'sparsifiner_flops', 'TOKEN_SPARSE_KWARGS']
@@ -389,12 +389,11 @@ def checkpoint_filter_fn(state_dict: Dict, model: SparsifinerVisionTransformer) 
     """
     # distilled DeiT extras dropped: the Sparsifiner backbone has no distillation token
     out = {k: v for k, v in unwrap_state_dict(state_dict).items() if not k.startswith(('dist_token', 'head_dist'))}
-    adapt_submodules(model, adapt_embeddings(out, model))  # the predictors resize their token projections
+    adapt_embeddings(out, model)
     if not any(_PREDICTOR in k for k in out):
         _logger.info('checkpoint has no connectivity predictor (a DeiT checkpoint): keeping the fresh predictor init')
         out.update({k: v for k, v in model.state_dict().items() if _PREDICTOR in k})
-    check_state_dict(out, model, skip_prefixes=('head.',))
-    return out
+    return finish_state_dict(out, model)  # the predictors resize their token projections, then every key is checked
 
 
 def _create_sparsifiner(variant: str, pretrained: bool = False, **kwargs) -> SparsifinerVisionTransformer:
