@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from .linear import Linear, linear
 from .sdpa import use_sdpa
 
 __all__ = ['AgentAttention', 'agent_attention', 'adaptive_avg_pool', 'resize_bias_1d', 'resize_agent_grid',
@@ -248,16 +249,16 @@ class AgentAttention(nn.Module):
         self.factored: Optional[bool] = None  # None: automatic (see use_factored); True / False force it
 
         if qkv_layout == 'qkv':
-            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+            self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         elif qkv_layout == 'q_kv':
-            self.q = nn.Linear(dim, dim, bias=qkv_bias)
-            self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+            self.q = Linear(dim, dim, bias=qkv_bias)
+            self.kv = Linear(dim, dim * 2, bias=qkv_bias)
             if sr_ratio > 1:
                 self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
                 self.norm = norm_layer(dim)
         self.attn_drop = nn.Dropout(attn_drop)
         if proj:
-            self.proj = nn.Linear(dim, dim)
+            self.proj = Linear(dim, dim)
             self.proj_drop = nn.Dropout(proj_drop)
         else:
             self.proj = None
@@ -513,9 +514,9 @@ class AgentAttention(nn.Module):
         wq, bq, wk, bk, wv, bv = weights
         if self.use_factored():
             return self._forward_factored(x, x_kv, hw, kv_hw, wq, bq, wk, wv, bv)
-        q = F.linear(x, wq, bq)
-        k = F.linear(x_kv, wk, bk)
-        v = F.linear(x_kv, wv, bv)
+        q = linear(x, wq, bq)
+        k = linear(x_kv, wk, bk)
+        v = linear(x_kv, wv, bv)
         return self.forward_qkv(q, k, v, hw, kv_hw)
 
     def _forward_factored(
@@ -540,7 +541,7 @@ class AgentAttention(nn.Module):
         n = ph * pw
         # agents: pooling commutes with the affine q projection (its weights sum to one)
         x_grid = x[:, P:].reshape(B, h, w, C).permute(0, 3, 1, 2)
-        agents = F.linear(adaptive_avg_pool(x_grid, (ph, pw)).flatten(2).transpose(1, 2), wq, bq)
+        agents = linear(adaptive_avg_pool(x_grid, (ph, pw)).flatten(2).transpose(1, 2), wq, bq)
         a = agents.view(B, n, H, d).transpose(1, 2)  # (B, H, n, d)
         # (A_h W_h) s for keys and queries: the logits come straight from the un-projected tokens. They are kept
         # agents-major (B, H*n, tokens): the stage-2 softmax across rows then vectorises over tokens (over 9
@@ -561,7 +562,7 @@ class AgentAttention(nn.Module):
             # b_q A^T varies along the stage-2 softmax axis (per batch and agent), so it stays
             l2 = l2.add_(torch.matmul(a, bq.view(H, d, 1)).mul_(s).view(B, H * n, 1))
         # stage 1: agents aggregate V over all tokens (A b_k is constant along the softmax axis: dropped)
-        v = F.linear(x_kv, wv, bv)
+        v = linear(x_kv, wv, bv)
         agent_v = torch.bmm(l1.softmax(dim=-1), v)  # (B, H*n, C): head h's agents only need its own d channels
         if H > 1:
             agent_v = agent_v * self._block_diagonal(H, n, d, agent_v)

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .linear import Linear
+
 __all__ = ['MultiHeadAttention']
 
 
@@ -49,12 +51,12 @@ class MultiHeadAttention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.fused_attn = fused_attn
         if separate_q:
-            self.q = nn.Linear(dim, dim, bias=qkv_bias)
-            self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+            self.q = Linear(dim, dim, bias=qkv_bias)
+            self.kv = Linear(dim, dim * 2, bias=qkv_bias)
         else:
-            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+            self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _split_qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

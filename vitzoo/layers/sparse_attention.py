@@ -63,6 +63,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .attention import MultiHeadAttention
 from .sdpa import use_sdpa
+from .linear import Linear
 
 __all__ = [
     'PREDICTOR_ARGS', 'ConnectivityPredictor', 'SparseAttention', 'resize_token_projection', 'attention_budget',
@@ -216,8 +217,8 @@ class ConnectivityPredictor(nn.Module):
             self.proj_back_n = self.proj_n
         else:
             self.proj_back_n = nn.Parameter(_trunc_normal_(torch.zeros(self.num_tokens, self.rank)))
-        self.proj_c_q = nn.Linear(head_dim, self.reduced_c)
-        self.proj_c_k = nn.Linear(head_dim, self.reduced_c)
+        self.proj_c_q = Linear(head_dim, self.reduced_c)
+        self.proj_c_k = Linear(head_dim, self.reduced_c)
 
     def adapt_state_dict(self, state_dict: Dict[str, torch.Tensor], prefix: str = '') -> None:
         """Fit this predictor's token projections of a checkpoint (keys under ``prefix``) to its grid, in place.

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 from timm.models._features import feature_take_indices
 
+from vitzoo.layers.linear import Linear
+
 __all__ = ['ModelInterfaceMixin', 'default_layers']
 
 
@@ -56,7 +58,7 @@ class ModelInterfaceMixin:
             raise ValueError(f'global_pool must be {names}, got {global_pool!r}')
 
     def _make_head(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        return Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _trunk(self) -> Union[nn.ModuleList, nn.Sequential]:
         return getattr(self, self.trunk_name)

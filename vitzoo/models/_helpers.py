@@ -8,6 +8,8 @@ from timm.layers import Mlp as _TimmMlp
 from timm.layers import trunc_normal_
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from vitzoo.layers.linear import matmul_bias, matmul_grad_input, use_onednn
+
 __all__ = ['CheckpointError', 'unwrap_state_dict', 'check_state_dict', 'adapt_submodules', 'finish_state_dict',
            'embed_patches', 'sizes_match', 'init_weights_trunc_normal', 'Mlp']
 
@@ -208,17 +210,20 @@ class _GeluMlpFunction(torch.autograd.Function):
     Autograd's own backward allocates two fresh hidden-size tensors per block (dL/da and dL/dh, 4x the tokens'
     channels); on a CPU every fresh tensor that large is page-faulted in (~2.5 µs per 4 KiB page: more than the GELU
     backward itself). Here ``a = gelu(h)`` is dead once fc2's weight gradient is taken, so dL/da goes into its buffer,
-    and dL/dh into ``h``'s. Same kernels and summation order as autograd (bit-identical gradients).
+    and dL/dh into ``h``'s. With ``onednn`` (see :mod:`vitzoo.layers.linear`) the forward GEMMs and the input
+    gradient run in oneDNN as :class:`vitzoo.layers.linear.Linear` does; otherwise the kernels and summation order are
+    autograd's (bit-identical gradients).
     """
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, approximate):
+    def forward(ctx, x, w1, b1, w2, b2, approximate, onednn):
         x2 = x.reshape(-1, x.shape[-1])
-        h = torch.addmm(b1, x2, w1.t())
+        h = matmul_bias(x2, w1, b1) if onednn else torch.addmm(b1, x2, w1.t())
         a = F.gelu(h, approximate=approximate)
-        out = torch.addmm(b2, a, w2.t())
+        out = matmul_bias(a, w2, b2) if onednn else torch.addmm(b2, a, w2.t())
         ctx.save_for_backward(x2, w1, w2, h, a)
         ctx.approximate = approximate
+        ctx.onednn = onednn
         ctx.shape = x.shape
         ctx.consumed = False
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -235,12 +240,14 @@ class _GeluMlpFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         gw2 = g.t().mm(a) if need[3] else None
         gb2 = g.sum(0) if need[4] else None
-        ga = torch.mm(g, w2, out=a)
+        ga = torch.mm(g, w2, out=a)  # MKL into a's buffer: a fresh hidden-size output costs more in page faults
         gh = torch.ops.aten.gelu_backward.grad_input(ga, h, approximate=ctx.approximate, grad_input=h)
         gw1 = gh.t().mm(x2) if need[1] else None
         gb1 = gh.sum(0) if need[2] else None
-        gx = gh.mm(w1).view(ctx.shape) if need[0] else None
-        return gx, gw1, gb1, gw2, gb2, None
+        gx = None
+        if need[0]:
+            gx = (matmul_grad_input(gh, w1) if ctx.onednn else gh.mm(w1)).view(ctx.shape)
+        return gx, gw1, gb1, gw2, gb2, None, None
 
 
 class Mlp(_TimmMlp):
@@ -251,8 +258,9 @@ class Mlp(_TimmMlp):
       high-resolution forward by that much (e.g. 77 MB per Swin-T stage-1 block at 896²) and saves a pass over it.
     - Training (``fused_backward``): the backward reuses the saved activations' buffers for its gradients
       (:class:`_GeluMlpFunction`) instead of allocating two hidden-size tensors, 5-15% faster per MLP on a CPU and a
-      lower peak. The gradients are bit-identical; one backward per forward (no ``retain_graph`` second pass, no
-      double backward: set ``fused_backward = False`` for those). Under autocast the inputs are cast as autocast would.
+      lower peak. Its GEMMs follow :mod:`vitzoo.layers.linear` (oneDNN for recorded CPU fp32 calls; with that off the
+      gradients are timm's bit for bit); one backward per forward (no ``retain_graph`` second pass, no double
+      backward: set ``fused_backward = False`` for those). Under autocast the inputs are cast as autocast would.
 
     Any other activation, dropout, norm, missing bias, forward hooks on the layers, or a traced/compiled graph:
     exactly timm's forward.
@@ -289,5 +297,5 @@ class Mlp(_TimmMlp):
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         fc1, fc2 = self.fc1, self.fc2
         with torch.autocast(dev, enabled=False):  # cast as autocast would, outside the function (casts get grads)
-            return _GeluMlpFunction.apply(x.to(dtype), fc1.weight.to(dtype), fc1.bias.to(dtype),
-                                          fc2.weight.to(dtype), fc2.bias.to(dtype), self.act.approximate)
+            args = (x.to(dtype), fc1.weight.to(dtype), fc1.bias.to(dtype), fc2.weight.to(dtype), fc2.bias.to(dtype))
+            return _GeluMlpFunction.apply(*args, self.act.approximate, use_onednn(*args))

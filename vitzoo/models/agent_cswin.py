@@ -49,6 +49,7 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from vitzoo.layers.agent_attention import AgentAttention, split_qkv
 from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.layers.windows import pad_to_windows, padded_key_mask, window_padding, window_partition, window_reverse
+from vitzoo.layers.linear import Linear
 from ._base import default_layers
 from ._builder import build_model_with_cfg
 from ._helpers import Mlp, finish_state_dict, unwrap_state_dict
@@ -206,7 +207,7 @@ class CSWinBlock(nn.Module):
                 f'supported; agent stages must be global (la_split_size >= the stage resolution)')
         self.is_agent = attn_type == 'A'
         self.norm1 = norm_layer(dim)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         if self.is_agent:
             self.attns = nn.ModuleList([AgentAttention(
                 dim, num_heads=num_heads, agent_num=agent_num, window_size=tuple(resolution), qkv_bias=qkv_bias,
@@ -218,7 +219,7 @@ class CSWinBlock(nn.Module):
             self.attns = nn.ModuleList([LePEAttention(
                 dim // 2, num_heads // 2, idx=i, split_size=split_size, attn_drop=attn_drop,
                 fused_attn=use_fused_attn()) for i in range(2)])
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)

@@ -48,6 +48,7 @@ from timm.models import checkpoint, generate_default_cfgs, register_model
 from vitzoo.layers.agent_attention import AgentAttention
 from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.layers.windows import pad_to_windows, padded_key_mask, window_padding, window_partition, window_reverse
+from vitzoo.layers.linear import Linear
 from ._base import default_layers
 from ._blocks import PreNormBlock
 from ._builder import build_model_with_cfg
@@ -124,9 +125,9 @@ class WindowAttention(nn.Module):
         self.fused_attn = use_fused_attn()
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         self.register_buffer('relative_position_index', relative_position_index(window_size), persistent=False)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         trunc_normal_(self.relative_position_bias_table, std=.02)
 
@@ -265,7 +266,7 @@ class PatchMerging(nn.Module):
         self.dim = dim
         self.out_dim = out_dim or 2 * dim
         self.norm = norm_layer(4 * dim)
-        self.reduction = nn.Linear(4 * dim, self.out_dim, bias=False)
+        self.reduction = Linear(4 * dim, self.out_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape

@@ -49,6 +49,7 @@ from timm.models.xcit import ClassAttentionBlock, PositionalEncodingFourier
 from vitzoo.layers.attention import MultiHeadAttention
 from vitzoo.layers.sdpa import use_sdpa
 from vitzoo.layers.token_pooling import TokenPoolingMixin
+from vitzoo.layers.linear import Linear
 from ._builder import build_model_with_cfg
 from ._helpers import finish_tap_state_dict, init_weights_trunc_normal, unwrap_state_dict
 from ._manifest import manifest_cfg
@@ -102,10 +103,10 @@ class DWConvMlp(nn.Module):
 
     def __init__(self, in_features: int, hidden_features: int, act_layer: Callable = nn.GELU, drop: float = 0.):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.dwconv = DWConv(hidden_features, act_layer)
         self.gamma = nn.Parameter(torch.ones(hidden_features))
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc2 = Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
@@ -156,7 +157,7 @@ class ChannelProcessing(nn.Module):
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
         self.mlp_v = DWConvMlp(dim, mlp_hidden_dim or dim, act_layer=act_layer, drop=drop)
         self.norm_v = norm_layer(dim)
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.q = Linear(dim, dim, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
 
     def forward(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
