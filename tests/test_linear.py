@@ -73,10 +73,11 @@ def test_f_linear_wherever_the_path_does_not_apply(onednn):
         assert _onednn_calls(lambda: linear(x, w)) == 0  # inference: aten's kernels
     assert not use_onednn(x, w.detach())  # nothing to differentiate
     assert not use_onednn(x.double(), w.double())
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        assert not use_onednn(x, w)  # autocast picks the kernels
+    assert not use_onednn(x.half(), w.half())
+    with torch.autocast('cpu', dtype=torch.float16):
+        assert not use_onednn(x, w)
         y = linear(x, w)
-    assert y.dtype == torch.bfloat16 and type(y.grad_fn).__name__ != '_OneDnnLinearBackward'
+    assert y.dtype == torch.float16 and type(y.grad_fn).__name__ != '_OneDnnLinearBackward'
     set_onednn_training(False)
     assert not use_onednn(x, w)
     y = linear(x, w)
@@ -84,6 +85,28 @@ def test_f_linear_wherever_the_path_does_not_apply(onednn):
     (gw,) = torch.autograd.grad(linear(x, w).square().sum(), w, create_graph=True)
     gw.sum().backward()  # double backward works with the switch off
     assert w.grad is not None
+
+
+@pytest.mark.parametrize('bias', [True, False])
+def test_bf16_autocast_casts_as_autocast_and_matches(bias):
+    """Under CPU bf16 autocast the layer casts its inputs as autocast's linear would (bf16 output, fp32 leaf
+    gradients) and gives autocast's values to bf16 rounding."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, 16, requires_grad=True)
+    w = torch.randn(24, 16, requires_grad=True)
+    b = torch.randn(24, requires_grad=True) if bias else None
+    leaves = [t for t in (x, w, b) if t is not None]
+    outs = {}
+    for fn in (linear, F.linear):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            y = fn(x, w, b)
+        outs[fn] = [y] + list(torch.autograd.grad(y.float().square().sum(), leaves))
+    xb, wb = x.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    assert _onednn_calls(lambda: linear(xb, wb, None if b is None else b.bfloat16())) > 0  # bf16 without autocast
+    for a, r in zip(outs[linear], outs[F.linear]):
+        assert a.dtype == r.dtype and a.shape == r.shape
+        torch.testing.assert_close(a.float(), r.float(), rtol=2e-2, atol=2e-2)
+    assert outs[linear][0].dtype == torch.bfloat16 and outs[linear][2].dtype == torch.float32
 
 
 def test_double_backward_needs_the_switch_off():
