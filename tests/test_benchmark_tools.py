@@ -105,11 +105,20 @@ def test_benchmark_train_suite(tmp_path, capsys):
         assert r['timm_model'] == 'deit_tiny_patch16_224' and 'official_ms' not in r and 'ours_mib' not in r
         assert _positive(r['ours_ms']) and _positive(r['timm_ms']) and _positive(r['speed_vs_timm'])
     assert 'training step (fwd + loss + bwd)' in capsys.readouterr().out
-    # peak memory of one step, each candidate in a fresh process; an optimizer step is named in the title
-    assert bench.main(['--suite', 'train', '--train-models', 'sat_deit_tiny', '--train-img-size', '32',
-                       '--train-dtypes', 'fp32', '-b', '2', '--repeats', '1', '--train-opt', 'adamw',
-                       '--output', str(out)]) == 0
-    (row,) = json.loads((out / 'benchmark.json').read_text())['train']
+    # peak memory of one step, each candidate in a fresh process; an optimizer step is named in the title; the
+    # aten-GEMM ablation switches vitzoo's linear layers to F.linear
+    from vitzoo.layers.linear import onednn_training_enabled, set_onednn_training
+    assert onednn_training_enabled()
+    try:
+        assert bench.main(['--suite', 'train', '--train-models', 'sat_deit_tiny', '--train-img-size', '32',
+                           '--train-dtypes', 'fp32', '-b', '2', '--repeats', '1', '--train-opt', 'adamw',
+                           '--train-linear', 'aten', '--output', str(out)]) == 0
+        assert not onednn_training_enabled()
+    finally:
+        set_onednn_training(True)
+    results = json.loads((out / 'benchmark.json').read_text())
+    (row,) = results['train']
+    assert results['train_linear'] == 'aten'
     assert row['model'] == 'sat_deit_tiny' and _positive(row['ours_mib']) and _positive(row['timm_mib'])
     assert 'fwd + loss + bwd + adamw step' in capsys.readouterr().out
 

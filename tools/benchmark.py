@@ -57,6 +57,7 @@ try:
     import vitzoo  # noqa: F401  (registers the models)
 except ModuleNotFoundError as e:  # the tools use the installed package
     raise SystemExit('vitzoo is not installed: `pip install -e .` in the vitzoo checkout') if e.name == 'vitzoo' else e
+from vitzoo.layers.linear import set_onednn_training
 from vitzoo.utils import count_macs, count_params, interleaved_times, list_models, time_fn, time_interleaved
 
 
@@ -517,7 +518,8 @@ def suite_train(args, results: Dict) -> None:
 
 def _train_peak_rss(name: str, size: int, which: str, batch: int, dtype: str, args) -> float:
     cmd = [sys.executable, __file__, '--_train-probe', name, str(size), which, str(batch), dtype,
-           '--train-opt', args.train_opt, '--threads', str(torch.get_num_threads())]
+           '--train-opt', args.train_opt, '--threads', str(torch.get_num_threads()),
+           '--train-linear', args.train_linear]
     if args.official_dir:
         cmd += ['--official-dir', args.official_dir]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ)).stdout
@@ -580,8 +582,8 @@ def suite_compile(args, results: Dict) -> None:
         del model, compiled
         torch._dynamo.reset()
     results['compile'] = rows
-    print_table(f'torch.compile ({args.compile_backend}) vs eager, 224², CPU, {torch.get_num_threads()} threads, {args.timer} time, '
-                f'median of {args.repeats} interleaved (speed-up = eager / compiled)', rows, args.out)
+    print_table(f'torch.compile ({args.compile_backend}) vs eager, 224², CPU, {torch.get_num_threads()} threads, '
+                f'{args.timer} time, median of {args.repeats} interleaved (speed-up = eager / compiled)', rows, args.out)
 
 
 SUITES = {'models': suite_models, 'agent': suite_agent, 'sparsifiner': suite_sparsifiner, 'train': suite_train,
@@ -611,6 +613,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help='train suite: fp32, and/or bf16 autocast')
     p.add_argument('--train-opt', default='none', choices=['none', 'sgd', 'adamw'],
                    help='train suite: optimizer step after backward (none: forward + loss + backward only)')
+    p.add_argument('--train-linear', default='onednn', choices=['onednn', 'aten'],
+                   help="train suite: vitzoo's linear layers with oneDNN training GEMMs (default) or aten's F.linear "
+                        '(the ablation: how much of the speed-up is the GEMM backend)')
     p.add_argument('--no-train-memory', dest='train_memory', action='store_false',
                    help='train suite: skip the peak-memory probes (one child process per candidate)')
     p.add_argument('--timer', default='wall', choices=sorted(CLOCKS),
@@ -625,6 +630,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    set_onednn_training(args.train_linear == 'onednn')
     if args._train_probe:
         name, size, which, batch, dtype = args._train_probe
         _train_probe(name, int(size), which, int(batch), dtype, args)
@@ -636,7 +642,7 @@ def main(argv=None) -> int:
     args.out = Path(args.output)
     args.out.mkdir(parents=True, exist_ok=True)
     results = dict(torch=torch.__version__, timm=timm.__version__, threads=torch.get_num_threads(),
-                   batch_size=args.batch_size, repeats=args.repeats)
+                   batch_size=args.batch_size, repeats=args.repeats, train_linear=args.train_linear)
     print(f"vitzoo benchmark | torch {results['torch']} | timm {results['timm']} | {results['threads']} threads")
     for s in args.suite:
         SUITES[s](args, results)
