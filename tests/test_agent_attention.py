@@ -282,7 +282,7 @@ def test_training_mlp_fused_backward_bit_identical(dtype, onednn):
             if m is ours:
                 assert type(y.grad_fn).__name__ == '_GeluMlpFunctionBackward'  # the fused path ran
                 ran = sum(e.name == 'mkldnn::_linear_pointwise' for e in prof.events())
-                assert ran == (3 if onednn else 0)  # fc1, fc2 forward; fc1 input gradient
+                assert ran == (4 if onednn else 0)  # fc1, fc2 forward; dL/da (small: a fresh tensor); fc1 input grad
             results.append([y.detach(), xx.grad] + [p.grad for p in m.parameters()])
     finally:
         set_onednn_training(before)
@@ -299,6 +299,35 @@ def test_training_mlp_fused_backward_bit_identical(dtype, onednn):
     assert type(y.grad_fn.next_functions[0][0]).__name__ != '_GeluMlpFunctionBackward'
     y.backward(retain_graph=True)
     y.backward()
+
+
+def test_training_mlp_large_hidden_gradient_reuses_the_activation_buffer(monkeypatch):
+    """With oneDNN on, dL/da of a hidden tensor at or above the fresh-output limit (32 MiB; lowered here) goes into the
+    saved activation's buffer through aten's GEMM instead of oneDNN's fresh output; gradients as timm's either way."""
+    from timm.layers import Mlp as TimmMlp
+    from torch.profiler import profile
+
+    import vitzoo.models._helpers as helpers
+    from vitzoo.models import Mlp
+    ours, ref = Mlp(16, 64), TimmMlp(16, 64)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 10, 16)
+    calls, default = {}, helpers._FRESH_OUTPUT_MAX_BYTES
+    assert default == 32 << 20
+    for limit in (default, 0):
+        monkeypatch.setattr(helpers, '_FRESH_OUTPUT_MAX_BYTES', limit)
+        ours.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_()
+        with profile() as prof:
+            ours(xx).square().sum().backward()
+        calls[limit] = sum(e.name == 'mkldnn::_linear_pointwise' for e in prof.events())
+        ref.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_()
+        ref(xr).square().sum().backward()
+        torch.testing.assert_close(xx.grad, xr.grad, rtol=1e-5, atol=1e-5)
+        for p, q in zip(ours.parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5)
+    assert calls == {default: 4, 0: 3}
 
 
 def test_use_sdpa_rule():
