@@ -216,9 +216,9 @@ class _GeluMlpFunction(torch.autograd.Function):
     channels); on a CPU every fresh tensor that large is page-faulted in (~2.5 µs per 4 KiB page: more than the GELU
     backward itself). Here ``a = gelu(h)`` is dead once fc2's weight gradient is taken, so dL/da goes into its buffer
     (with ``onednn`` only when that is ≥32 MiB: a smaller fresh output comes from the recycled heap, and oneDNN's GEMM
-    is the faster one), and dL/dh into ``h``'s. With ``onednn`` (see :mod:`vitzoo.layers.linear`) the forward GEMMs and the input
-    gradient run in oneDNN as :class:`vitzoo.layers.linear.Linear` does; otherwise the kernels and summation order are
-    autograd's (bit-identical gradients).
+    is the faster one), and dL/dh into ``h``'s. With ``onednn`` (fp32, see :mod:`vitzoo.layers.linear`) the forward
+    GEMMs and the input gradients run in oneDNN as :class:`vitzoo.layers.linear.Linear`'s do; otherwise the kernels
+    and summation order are autograd's (bit-identical gradients).
     """
 
     @staticmethod
