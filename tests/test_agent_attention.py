@@ -302,21 +302,21 @@ def test_training_mlp_fused_backward_bit_identical(dtype, onednn):
     y.backward()
 
 
-def test_training_mlp_large_hidden_gradient_reuses_the_activation_buffer(monkeypatch):
-    """With oneDNN on, dL/da of a hidden tensor at or above the fresh-output limit (32 MiB; lowered here) goes into the
-    saved activation's buffer through aten's GEMM instead of oneDNN's fresh output; gradients as timm's either way."""
+def test_training_mlp_large_hidden_gradient_reuses_the_activation_buffer():
+    """With oneDNN on, dL/da of a hidden tensor at or above ``grad_buffer_min_bytes`` (32 MiB; lowered here) goes into
+    the saved activation's buffer through aten's GEMM instead of oneDNN's fresh output; gradients as timm's both
+    ways."""
     from timm.layers import Mlp as TimmMlp
     from torch.profiler import profile
 
-    import vitzoo.models._helpers as helpers
     from vitzoo.models import Mlp
     ours, ref = Mlp(16, 64), TimmMlp(16, 64)
     ref.load_state_dict(ours.state_dict())
     x = torch.randn(2, 10, 16)
-    calls, default = {}, helpers._FRESH_OUTPUT_MAX_BYTES
-    assert default == 32 << 20
-    for limit in (default, 0):
-        monkeypatch.setattr(helpers, '_FRESH_OUTPUT_MAX_BYTES', limit)
+    assert Mlp.grad_buffer_min_bytes == 32 << 20
+    calls = {}
+    for limit in (Mlp.grad_buffer_min_bytes, 2 * 10 * 64 * 4):  # the class default; exactly this hidden tensor's size
+        ours.grad_buffer_min_bytes = limit
         ours.zero_grad(set_to_none=True)
         xx = x.clone().requires_grad_()
         with profile() as prof:
@@ -328,7 +328,7 @@ def test_training_mlp_large_hidden_gradient_reuses_the_activation_buffer(monkeyp
         torch.testing.assert_close(xx.grad, xr.grad, rtol=1e-5, atol=1e-5)
         for p, q in zip(ours.parameters(), ref.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5)
-    assert calls == {default: 4, 0: 3}
+    assert list(calls.values()) == [4, 3]
 
 
 def test_use_sdpa_rule():

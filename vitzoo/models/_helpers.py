@@ -204,25 +204,21 @@ def embed_patches(
     return x.reshape(B, h * w, C), pos, (h, w)
 
 
-# glibc serves allocations below its largest mmap threshold (32 MiB on 64-bit) from the recycled heap; larger ones are
-# mapped, and page-faulted, anew on every call
-_FRESH_OUTPUT_MAX_BYTES = 32 << 20
-
-
 class _GeluMlpFunction(torch.autograd.Function):
     """``fc2(gelu(fc1(x)))`` whose backward writes its gradients into the buffers of the activations it saved.
 
     Autograd's own backward allocates two fresh hidden-size tensors per block (dL/da and dL/dh, 4x the tokens'
     channels); on a CPU every fresh tensor that large is page-faulted in (~2.5 µs per 4 KiB page: more than the GELU
     backward itself). Here ``a = gelu(h)`` is dead once fc2's weight gradient is taken, so dL/da goes into its buffer
-    (with ``onednn`` only when that is ≥32 MiB: a smaller fresh output comes from the recycled heap, and oneDNN's GEMM
-    is the faster one), and dL/dh into ``h``'s. With ``onednn`` (fp32, see :mod:`vitzoo.layers.linear`) the forward
-    GEMMs and the input gradients run in oneDNN as :class:`vitzoo.layers.linear.Linear`'s do; otherwise the kernels
-    and summation order are autograd's (bit-identical gradients).
+    (with ``onednn``, only when ``fresh_grad`` is False: a smaller fresh output comes from the recycled heap, and
+    oneDNN's GEMM is the faster one), and dL/dh into ``h``'s. With ``onednn`` (fp32, see
+    :mod:`vitzoo.layers.linear`) the forward GEMMs and the input gradients run in oneDNN as
+    :class:`vitzoo.layers.linear.Linear`'s do; otherwise the kernels and summation order are autograd's (bit-identical
+    gradients).
     """
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, approximate, onednn):
+    def forward(ctx, x, w1, b1, w2, b2, approximate, onednn, fresh_grad):
         x2 = x.reshape(-1, x.shape[-1])
         h = matmul_bias(x2, w1, b1) if onednn else torch.addmm(b1, x2, w1.t())
         a = F.gelu(h, approximate=approximate)
@@ -230,6 +226,7 @@ class _GeluMlpFunction(torch.autograd.Function):
         ctx.save_for_backward(x2, w1, w2, h, a)
         ctx.approximate = approximate
         ctx.onednn = onednn
+        ctx.fresh_grad = fresh_grad
         ctx.shape = x.shape
         ctx.consumed = False
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -246,7 +243,7 @@ class _GeluMlpFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         gw2 = g.t().mm(a) if need[3] else None
         gb2 = g.sum(0) if need[4] else None
-        if ctx.onednn and a.numel() * a.element_size() < _FRESH_OUTPUT_MAX_BYTES:
+        if ctx.onednn and ctx.fresh_grad:
             ga = matmul_grad_input(g, w2)  # oneDNN: ~20% faster than MKL, into a fresh (heap-recycled) tensor
         else:
             ga = torch.mm(g, w2, out=a)  # into a's buffer: a fresh output this large is page-faulted in anew
@@ -256,7 +253,7 @@ class _GeluMlpFunction(torch.autograd.Function):
         gx = None
         if need[0]:
             gx = (matmul_grad_input(gh, w1) if ctx.onednn else gh.mm(w1)).view(ctx.shape)
-        return gx, gw1, gb1, gw2, gb2, None, None
+        return gx, gw1, gb1, gw2, gb2, None, None, None
 
 
 class Mlp(_TimmMlp):
@@ -276,6 +273,10 @@ class Mlp(_TimmMlp):
     """
 
     fused_backward: bool = True
+    # With oneDNN, dL/da of a hidden activation at least this large goes into the activation's buffer instead of a
+    # fresh tensor: glibc serves allocations below its largest mmap threshold (32 MiB on 64-bit) from the recycled
+    # heap, larger ones are mapped, and page-faulted, anew on every call.
+    grad_buffer_min_bytes: int = 32 << 20
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if type(self.act) is nn.GELU and isinstance(self.norm, nn.Identity):
@@ -307,4 +308,6 @@ class Mlp(_TimmMlp):
         fc1, fc2 = self.fc1, self.fc2
         with torch.autocast(dev, enabled=False):  # cast as autocast would, outside the function (casts get grads)
             args = (x.to(dtype), fc1.weight.to(dtype), fc1.bias.to(dtype), fc2.weight.to(dtype), fc2.bias.to(dtype))
-            return _GeluMlpFunction.apply(*args, self.act.approximate, use_onednn(*args))
+            hidden_bytes = x.numel() // x.shape[-1] * fc1.out_features * args[0].element_size()
+            return _GeluMlpFunction.apply(*args, self.act.approximate, use_onednn(*args),
+                                          hidden_bytes < self.grad_buffer_min_bytes)
