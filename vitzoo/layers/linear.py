@@ -16,14 +16,14 @@ the path off with :func:`set_onednn_training` for double backward (gradient pena
 
 This module imports only torch.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ['Linear', 'linear', 'use_onednn', 'onednn_training_enabled', 'set_onednn_training',
-           'matmul_bias', 'matmul_grad_input']
+           'matmul_bias', 'matmul_grad_input', 'linear_grads']
 
 
 def _onednn_linear_op():
@@ -56,14 +56,46 @@ def onednn_training_enabled() -> bool:
     return _enabled
 
 
-def matmul_bias(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``x @ weight.T + bias`` for a 2-D ``x`` with oneDNN (bias fused); call only where :func:`use_onednn` holds."""
-    return _ONEDNN_LINEAR(x, weight, bias, 'none', [], '')
+def matmul_bias(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        onednn: bool = True,
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` for a 2-D ``x``: oneDNN with the bias fused, or aten's ``addmm`` / ``mm``.
+
+    Args:
+        x: (M, in_features).
+        weight: (out_features, in_features).
+        bias: (out_features,) or None.
+        onednn: oneDNN (only where :func:`use_onednn` holds) or aten.
+    """
+    if onednn:
+        return _ONEDNN_LINEAR(x, weight, bias, 'none', [], '')
+    return x.mm(weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
 
 
-def matmul_grad_input(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``grad @ weight`` (a linear layer's input gradient) with oneDNN reading ``weight`` transposed in place."""
-    return _ONEDNN_LINEAR(grad, weight.t(), None, 'none', [], '')
+def matmul_grad_input(grad: torch.Tensor, weight: torch.Tensor, onednn: bool = True) -> torch.Tensor:
+    """``grad @ weight`` (a linear layer's input gradient); oneDNN reads ``weight`` transposed in place."""
+    return _ONEDNN_LINEAR(grad, weight.t(), None, 'none', [], '') if onednn else grad.mm(weight)
+
+
+def linear_grads(
+        grad: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        need: Tuple[bool, bool, bool],
+        onednn: bool = True,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Input, weight and bias gradients of ``x @ weight.T + bias`` for 2-D ``grad`` / ``x`` (None where not needed).
+
+    The weight gradient is always ``torch.mm`` (MKL: faster than oneDNN for its long reduction over the tokens); with
+    ``onednn`` False all three are autograd's own expressions for ``addmm``.
+    """
+    gx = matmul_grad_input(grad, weight, onednn) if need[0] else None
+    gw = grad.t().mm(x) if need[1] else None
+    gb = grad.sum(0) if need[2] else None
+    return gx, gw, gb
 
 
 def _grad_recording(tensors) -> bool:
@@ -94,12 +126,10 @@ class _OneDnnLinear(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x2, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])
-        need = ctx.needs_input_grad
-        gx = matmul_grad_input(g, weight).view(ctx.shape) if need[0] else None
-        gw = g.t().mm(x2) if need[1] else None
-        gb = g.sum(0) if ctx.has_bias and need[2] else None
-        return gx, gw, gb
+        gx, gw, gb = linear_grads(g, x2, weight, (need_x, need_w, ctx.has_bias and need_b))
+        return None if gx is None else gx.view(ctx.shape), gw, gb
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:

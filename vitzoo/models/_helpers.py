@@ -8,7 +8,7 @@ from timm.layers import Mlp as _TimmMlp
 from timm.layers import trunc_normal_
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from vitzoo.layers.linear import matmul_bias, matmul_grad_input, use_onednn
+from vitzoo.layers.linear import linear_grads, matmul_bias, matmul_grad_input, use_onednn
 
 __all__ = ['CheckpointError', 'unwrap_state_dict', 'check_state_dict', 'adapt_submodules', 'finish_state_dict',
            'embed_patches', 'sizes_match', 'init_weights_trunc_normal', 'Mlp']
@@ -220,9 +220,9 @@ class _GeluMlpFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, approximate, onednn, fresh_grad):
         x2 = x.reshape(-1, x.shape[-1])
-        h = matmul_bias(x2, w1, b1) if onednn else torch.addmm(b1, x2, w1.t())
+        h = matmul_bias(x2, w1, b1, onednn)
         a = F.gelu(h, approximate=approximate)
-        out = matmul_bias(a, w2, b2) if onednn else torch.addmm(b2, a, w2.t())
+        out = matmul_bias(a, w2, b2, onednn)
         ctx.save_for_backward(x2, w1, w2, h, a)
         ctx.approximate = approximate
         ctx.onednn = onednn
@@ -248,12 +248,8 @@ class _GeluMlpFunction(torch.autograd.Function):
         else:
             ga = torch.mm(g, w2, out=a)  # into a's buffer: a fresh output this large is page-faulted in anew
         gh = torch.ops.aten.gelu_backward.grad_input(ga, h, approximate=ctx.approximate, grad_input=h)
-        gw1 = gh.t().mm(x2) if need[1] else None
-        gb1 = gh.sum(0) if need[2] else None
-        gx = None
-        if need[0]:
-            gx = (matmul_grad_input(gh, w1) if ctx.onednn else gh.mm(w1)).view(ctx.shape)
-        return gx, gw1, gb1, gw2, gb2, None, None, None
+        gx, gw1, gb1 = linear_grads(gh, x2, w1, need[:3], ctx.onednn)
+        return None if gx is None else gx.view(ctx.shape), gw1, gb1, gw2, gb2, None, None, None
 
 
 class Mlp(_TimmMlp):
