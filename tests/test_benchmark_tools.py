@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import load_tool as _load
 
 
@@ -137,3 +138,56 @@ def test_benchmark_train_step_updates_the_model():
     assert torch.equal(before, model.head.weight) and model.head.weight.grad.dtype == torch.float32
     with pytest.raises(ValueError, match="no 'official' candidate"):
         bench._train_candidates('agent_deit_tiny', 32, None, only='official')
+
+
+@pytest.mark.parametrize('name', ['tap_fan_tiny_12_p16_224', 'tap_rvt_tiny', 'sat_deit_tiny', 'sparsifiner_deit_tiny'])
+def test_benchmark_train_step_uses_the_method_loss(name):
+    # the method families' step is their training forward + method loss (as tools/train.py), not plain CE
+    from vitzoo.losses.adl import attention_diversification_loss
+    from vitzoo.losses.sat import SATLoss
+    from vitzoo.losses.sparsifiner import distill_loss, teacher_outputs
+    import timm
+    bench = _load('benchmark')
+    cands = bench._train_candidates(name, 64, None)
+    model = cands['ours']
+    with torch.no_grad():  # sharper attention, so that the ADL term is not zero (entries above 2/N)
+        for n, p in model.named_parameters():
+            if n.endswith(('attn.q.weight', 'attn.kv.weight', 'attn.qkv.weight')):
+                p.mul_(8)
+    torch.manual_seed(1)
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 2])
+    loss_fn = bench._train_loss_fn(name, 'ours', model, x)
+    loss = loss_fn(model, x, y)
+    if name.startswith('tap_'):
+        logits, attn = model(x, return_attn=True)
+        adl = attention_diversification_loss(attn, 2.0)
+        assert adl > 1e-3
+        expected = F.cross_entropy(logits, y) + adl
+    elif name.startswith('sat_'):
+        expected = SATLoss(area_thr=0.25)(model.forward_loc(x), y)
+    else:  # phase 2: the predictor is frozen, the teacher is a DeiT-T run once
+        assert not any(p.requires_grad for n, p in model.named_parameters() if 'predictor' in n)
+        assert any(p.requires_grad for n, p in model.named_parameters() if 'predictor' not in n)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            t = teacher_outputs(timm.create_model('deit_tiny_patch16_224', img_size=64).eval(), x, return_attn=False)
+        expected = distill_loss(model.forward_dict(x), t, y)[0]
+    torch.testing.assert_close(loss, expected, rtol=0, atol=1e-6)
+    assert abs(float(loss.detach()) - float(F.cross_entropy(model(x), y).detach())) > 1e-4  # not plain CE
+    step = bench._train_step(model, x, y, 'fp32', 'none', loss_fn)
+    torch.testing.assert_close(step(), loss.detach(), rtol=0, atol=1e-6)
+    # timm's counterpart keeps the plain cross-entropy
+    base = cands['timm']
+    torch.testing.assert_close(bench._train_loss_fn(name, 'timm', base, x)(base, x, y), F.cross_entropy(base(x), y))
+
+
+def test_benchmark_official_checkouts(tmp_path):
+    bench = _load('benchmark')
+    for kind, (marker, _) in bench.OFFICIAL_REPOS.items():
+        (tmp_path / kind / marker).parent.mkdir(parents=True)
+        (tmp_path / kind / marker).write_text('')
+    found = bench.official_checkouts([str(tmp_path / k) for k in ('tapadl', 'agent', 'sat', 'sparsifiner')])
+    assert found == {k: tmp_path / k for k in bench.OFFICIAL_REPOS}
+    assert bench.official_checkouts(None) == {}
+    with pytest.raises(FileNotFoundError, match=r'--official-dir .*elsewhere: not a checkout .*Model/SAT.py'):
+        bench.official_checkouts([str(tmp_path / 'elsewhere')])

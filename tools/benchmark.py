@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""vitzoo benchmark: params, GFLOPs and speed of vitzoo models, as ratios against baselines measured in the same run.
+r"""vitzoo benchmark: params, GFLOPs and speed of vitzoo models, as ratios against baselines measured in the same run.
 
 Suites (``--suite``, several allowed):
   models      params, GMACs and eval throughput of the selected ``--model`` patterns, optionally at several
@@ -14,12 +14,13 @@ Suites (``--suite``, several allowed):
   sparsifiner Sparsifiner-DeiT-S latency vs timm deit_small_patch16_224 (sparse attention, the original's masked-dense
               attention emulated, dense and token-sparse modes), analytic FLOPs / MHSA reduction (kept entries only),
               and a per-op profile of one forward of each (where the sparse model's extra time goes).
-  train       training step (zero grads, forward, cross-entropy, backward; ``--train-opt`` adds an optimizer step) of
+  train       training step (zero grads, forward, loss, backward; ``--train-opt`` adds an optimizer step) of
               ``--train-models`` in fp32 and bf16 autocast at 224² and a higher resolution: step time vs the official
-              Agent-Attention model (same weights, loaded through ``checkpoint_filter_fn``; the loss difference is
-              reported) and vs the timm counterpart, and the peak RSS of one step, each candidate in a fresh process.
-              Sparsifiner, SAT and TAP-FAN/RVT have no official code importable as a model: timm only. The official
-              CSwin needs ``einops``.
+              model (same weights, loaded through ``checkpoint_filter_fn``; the loss difference is reported) and vs
+              the timm counterpart, and the peak RSS of one step, each candidate in a fresh process. Each side runs
+              its own training forward and loss (TAP: CE + ADL, SAT: CE + area + normalization, Sparsifiner: its
+              phase-2 distillation; the agent models: CE). ``--official-dir`` takes any of the official checkouts
+              (Agent-Attention, SAT, Sparsifiner, TAPADL); the official CSwin needs ``einops``, Sparsifiner ``yacs``.
   compile     ``torch.compile`` (inductor) vs eager for ``--compile-models``: the first call's compile time, then eval
               (no-grad forward) and training-step (fp32, fwd + loss + bwd) medians of interleaved calls, and the
               max |diff| of the compiled logits (the speed-up is per model and machine: measure, do not assume).
@@ -30,7 +31,8 @@ machine. Results are printed as tables and written to ``<output>/benchmark.json`
 Examples:
     python tools/benchmark.py --suite models --model 'agent_*' --img-size 224 448
     python tools/benchmark.py --suite agent --official-dir ~/src/Agent-Attention -b 8
-    python tools/benchmark.py --suite train --official-dir ~/src/Agent-Attention -b 8 --threads 1 --timer cpu
+    python tools/benchmark.py --suite train --threads 1 --timer cpu \
+        --official-dir ~/src/Agent-Attention ~/src/SAT ~/src/Sparsifiner ~/src/TAPADL
     python tools/benchmark.py --suite compile --compile-models agent_pvt_tiny agent_swin_tiny -b 8
 """
 import argparse
@@ -45,7 +47,7 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -96,6 +98,57 @@ def _fmt(v) -> str:
 # the official Agent-Attention models (measurement only; never part of vitzoo)
 
 
+# one checkout per official repository, recognised by a file only it has
+OFFICIAL_REPOS = {
+    'agent': ('agent_transformer/models/agent_swin.py', 'https://github.com/LeapLabTHU/Agent-Attention'),
+    'sat': ('Model/SAT.py', 'https://github.com/wpy1999/SAT'),
+    'sparsifiner': ('src/models/sparsifiner.py', 'https://github.com/lim142857/Sparsifiner'),
+    'tapadl': ('TAPADL_FAN/models/tap_fan.py', 'https://github.com/guoyongcs/TAPADL'),
+}
+
+
+def official_checkouts(dirs: Optional[Sequence[str]]) -> Dict[str, Path]:
+    """``{repository kind: checkout root}`` of the ``--official-dir`` folders (any order, any subset)."""
+    found = {}
+    for d in dirs or ():
+        root = Path(d).expanduser()
+        kinds = [k for k, (marker, _) in OFFICIAL_REPOS.items() if (root / marker).is_file()]
+        if not kinds and (root / 'agent_swin.py').is_file():  # the Agent-Attention models folder itself
+            kinds = ['agent']
+        if not kinds:
+            raise FileNotFoundError(
+                f'--official-dir {d}: not a checkout of an official repository (looked for '
+                + ', '.join(f'{m} of {url}' for m, url in OFFICIAL_REPOS.values()) + ')')
+        found[kinds[0]] = root
+    return found
+
+
+def _import_checkout_module(root: Path, *modules: str) -> List[types.ModuleType]:
+    """Import ``modules`` of an official checkout with ``root`` first on sys.path, then forget its top-level names.
+
+    Several checkouts ship top-level ``models`` / ``utils`` packages: each import sees only its own, and afterwards
+    none of them shadows another. timm's ``register_model`` is an identity meanwhile, so the official entrypoints
+    never replace vitzoo's models of the same name in timm's registry (their cfgs do not parse under timm 1.x either).
+    """
+    import warnings
+    import timm.models.registry as registry
+    names = {p.stem for p in root.iterdir() if p.suffix == '.py' or (p / '__init__.py').is_file()}
+    hidden = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split('.')[0] in names}
+    register = registry.register_model
+    registry.register_model = lambda fn: fn
+    sys.path.insert(0, str(root))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            return [importlib.import_module(m) for m in modules]
+    finally:
+        sys.path.remove(str(root))
+        registry.register_model = register
+        for k in [k for k in sys.modules if k.split('.')[0] in names]:
+            del sys.modules[k]
+        sys.modules.update(hidden)
+
+
 def import_official(official_dir: str) -> types.SimpleNamespace:
     """Import the official agent_{deit,pvt,swin,cswin}.py from a checkout, with the shims they need on timm 1.x."""
     root = Path(official_dir).expanduser()
@@ -115,6 +168,11 @@ def import_official(official_dir: str) -> types.SimpleNamespace:
     for name in ('agent_deit', 'agent_pvt', 'agent_swin', 'agent_cswin'):
         setattr(ns, name, importlib.import_module(f'agent_official.{name}'))
     return ns
+
+
+def _agent_official(official_dirs: Optional[Sequence[str]]) -> Optional[types.SimpleNamespace]:
+    root = official_checkouts(official_dirs).get('agent')
+    return None if root is None else import_official(str(root))
 
 
 def official_builders(off: types.SimpleNamespace) -> Dict[str, Callable[[int], nn.Module]]:
@@ -167,7 +225,7 @@ def suite_models(args, results: Dict) -> None:
 
 def suite_agent(args, results: Dict) -> None:
     from vitzoo.layers.agent_attention import AgentAttention
-    off = import_official(args.official_dir) if args.official_dir else None
+    off = _agent_official(args.official_dir)
 
     # (a) the module alone at Agent-PVT stage-1 shapes
     rows = []
@@ -239,18 +297,18 @@ def suite_agent(args, results: Dict) -> None:
     print_table('peak memory (RSS increase of one 896² forward, MiB)', rows, args.out)
 
 
-def _peak_rss(name: str, size: int, which: str, official_dir: Optional[str]) -> float:
+def _peak_rss(name: str, size: int, which: str, official_dir: Optional[Sequence[str]]) -> float:
     cmd = [sys.executable, __file__, '--_memory-probe', name, str(size), which]
     if official_dir:
-        cmd += ['--official-dir', official_dir]
+        cmd += ['--official-dir', *official_dir]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ)).stdout
     return round(float(out.strip().splitlines()[-1]), 1)
 
 
-def _memory_probe(name: str, size: int, which: str, official_dir: Optional[str]) -> None:
+def _memory_probe(name: str, size: int, which: str, official_dir: Optional[Sequence[str]]) -> None:
     """Child process: build the model, then print the RSS growth (MiB) caused by one forward."""
     if which == 'official':
-        model = official_builders(import_official(official_dir))[name](size).eval()
+        model = official_builders(_agent_official(official_dir))[name](size).eval()
     else:
         model = timm.create_model(name, img_size=size).eval()
     x = torch.randn(1, 3, size, size)
@@ -411,7 +469,7 @@ def suite_sparsifiner(args, results: Dict) -> None:
 
 TRAIN_MODELS = ['agent_deit_tiny', 'agent_pvt_tiny', 'agent_swin_tiny', 'agent_cswin_tiny', 'sparsifiner_deit_tiny',
                 'sat_deit_tiny', 'tap_fan_tiny_12_p16_224', 'tap_rvt_tiny']
-# Sparsifiner, SAT and TAP-FAN/RVT have no official code importable as a model: they are compared with timm only.
+# The method families' timm counterpart is the plain DeiT-T step (no method loss): a smaller computation.
 TRAIN_TIMM_COUNTERPARTS = dict(TIMM_COUNTERPARTS, sparsifiner_deit_tiny='deit_tiny_patch16_224',
                                sat_deit_tiny='deit_tiny_patch16_224', tap_fan_tiny_12_p16_224='deit_tiny_patch16_224',
                                tap_rvt_tiny='deit_tiny_patch16_224')
@@ -421,10 +479,53 @@ TRAIN_OURS_KWARGS = {'agent_swin_tiny': lambda s: dict(window_size=56 * s // 224
 CLOCKS = {'wall': time.perf_counter, 'cpu': time.process_time}
 
 
+def official_method_builders(checkouts: Dict[str, Path]) -> Dict[str, Callable[[int], Optional[nn.Module]]]:
+    """Official Sparsifiner / SAT / TAP-FAN / TAP-RVT constructors matching the vitzoo training variants.
+
+    A builder returns None at an image size its official code cannot build (SAT and TAP-RVT are fixed at 224²).
+    """
+    builders = {}
+    if 'sat' in checkouts:
+        sat, = _import_checkout_module(checkouts['sat'], 'Model.SAT')
+        builders['sat_deit_tiny'] = lambda s: sat.deit_sat_tiny_patch16_224() if s == 224 else None
+    if 'tapadl' in checkouts:
+        fan, = _import_checkout_module(checkouts['tapadl'] / 'TAPADL_FAN', 'models.tap_fan')
+        rvt, = _import_checkout_module(checkouts['tapadl'] / 'TAPADL_RVT', 'tap_robust_models')
+        # num_scales: their main.py's --num-scales default (4)
+        builders['tap_fan_tiny_12_p16_224'] = lambda s: fan.tap_fan_tiny_12_p16_224(img_size=s, num_scales=4)
+        builders['tap_rvt_tiny'] = lambda s: (rvt.tap_rvt_tiny(False, pretrained_cfg=None, num_scales=4) if s == 224
+                                              else None)
+    if 'sparsifiner' in checkouts:
+        builders['sparsifiner_deit_tiny'] = lambda s: _official_sparsifiner(checkouts['sparsifiner'], s)
+    return builders
+
+
+def _official_sparsifiner(root: Path, s: int) -> nn.Module:
+    """The official Sparsifiner at DeiT-T size, configured as ``src/main.py`` runs its phase-2 ('cls_distill') epochs:
+    the default config merged with ``sparsifiner_default_config.yaml``, every parameter trainable, and the loss flags
+    of that phase. The model carries ``official_cfg`` and ``official_loss`` (``src/losses.py``'s ``NewLoss`` class)."""
+    config, models, losses = _import_checkout_module(root / 'src', 'config.default_config', 'models.sparsifiner',
+                                                     'losses')
+    cfg = config.get_cfg_defaults()
+    cfg.merge_from_file(str(root / 'experiments-results-analysis' / 'experiments' / 'sparsifiner_default_config.yaml'))
+    # main.py, strategy 'cls_distill'
+    cfg.LOSS.USE_CLS, cfg.LOSS.USE_CLS_DISTILL, cfg.LOSS.USE_TOKEN_DISTILL = True, True, True
+    cfg.LOSS.USE_ATTN_SELF_DISTILL, cfg.LOSS.ATTN_SELF_DISTILL.WEIGHT, cfg.LOSS.USE_ATTN_RECON = True, 0.0, False
+    depth = 12
+    model = models.Sparsifiner(
+        img_size=s, patch_size=16, embed_dim=192, depth=depth, num_heads=3, mlp_ratio=4, qkv_bias=True, distill=True,
+        attn_keep_rate_list=[cfg.SPAR.ATTN_KEEP_RATE] * depth, token_keep_rate_list=[1.0] * depth,
+        token_pruning_loc_indicator=[False] * depth, reduce_n_factor=cfg.SPAR.REDUCE_N_FACTOR,
+        reduce_c_factor=cfg.SPAR.REDUCE_C_FACTOR, share_inout_proj=cfg.SPAR.SHARE_INOUT_PROJ, cfg=cfg)
+    model.official_cfg = cfg
+    model.official_loss = losses.NewLoss
+    return model
+
+
 def _train_candidates(
         name: str,
         s: int,
-        official_dir: Optional[str],
+        official_dir: Optional[Sequence[str]],
         only: Optional[str] = None,
 ) -> Dict[str, nn.Module]:
     """'ours', 'official' and 'timm' (those that exist, or just ``only``) in train mode, built at image size ``s``.
@@ -436,12 +537,18 @@ def _train_candidates(
     cands = {}
     if only in (None, 'ours'):
         cands['ours'] = timm.create_model(name, img_size=s, **TRAIN_OURS_KWARGS.get(name, lambda _: {})(s))
-    builders = official_builders(import_official(official_dir)) if official_dir and only in (None, 'official') else {}
-    if name in builders:
-        cands['official'] = builders[name](s)
+    builders = {}
+    if official_dir and only in (None, 'official'):
+        checkouts = official_checkouts(official_dir)
+        builders = official_method_builders(checkouts)
+        if 'agent' in checkouts:
+            builders.update(official_builders(import_official(str(checkouts['agent']))))
+    ref = builders[name](s) if name in builders else None
+    if ref is not None:
+        cands['official'] = ref
         if 'ours' in cands:
             filt = importlib.import_module(type(cands['ours']).__module__).checkpoint_filter_fn
-            cands['ours'].load_state_dict(filt(cands['official'].state_dict(), cands['ours']))
+            cands['ours'].load_state_dict(filt(ref.state_dict(), cands['ours']))
     if name in TRAIN_TIMM_COUNTERPARTS and only in (None, 'timm'):
         cands['timm'] = _timm_baseline(TRAIN_TIMM_COUNTERPARTS[name], s)
     if only is not None and only not in cands:
@@ -449,19 +556,74 @@ def _train_candidates(
     return {k: m.train() for k, m in cands.items()}
 
 
-def _train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: str, opt: str) -> Callable[[], torch.Tensor]:
-    """One training step on (x, y): zero grads, forward (bf16 autocast or fp32) + cross-entropy, backward, and the
-    optimizer step when ``opt`` is 'sgd' / 'adamw' ('none': no step)."""
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _train_loss_fn(name: str, which: str, model: nn.Module, x: torch.Tensor) -> LossFn:
+    """Forward + loss of one candidate as its code trains (``loss_fn(model, x, y)``).
+
+    vitzoo: ``vitzoo.train_utils.TrainWrapper``'s method forward and the method loss of ``tools/train.py`` with its
+    default weights (TAP: CE + ADL; SAT: CE + area + normalization; Sparsifiner: its phase 2, CE + logit KL + token
+    MSE, predictor frozen). Official: the forward and loss of its training script (SAT ``train.py``; TAPADL
+    ``main.py`` / ``engine.py`` — their ADL function is the same formula as vitzoo's, which both use; Sparsifiner
+    ``engine.py`` with ``NewLoss`` in the 'cls_distill' configuration). timm and the agent models: cross-entropy.
+    Sparsifiner's frozen teacher (a DeiT-T) runs once, outside the timed step, and both students read its outputs.
+    """
+    from vitzoo.train_utils import TrainWrapper, method_of
+    method = method_of(name) if which != 'timm' else 'none'
+    if method == 'adl':
+        from vitzoo.losses.adl import AttentionDiversificationLoss
+        adl = AttentionDiversificationLoss(1.0, 2.0)
+
+        def tap_loss(m, x, y):
+            logits, attn = m(x, return_attn=True)
+            return F.cross_entropy(logits, y) + adl(attn)
+        return tap_loss
+    if method == 'sat':
+        if which == 'official':
+            def official_sat_loss(m, x, y):  # train.py: CE + |mean area - thr| + mean norm term, area_thr 0.25
+                logits, area, norm = m(x, phase='train')
+                return F.cross_entropy(logits, y) + torch.abs(area.mean(0) - 0.25).mean(0) + norm.mean(0)
+            return official_sat_loss
+        from vitzoo.losses.sat import SATLoss
+        crit = SATLoss(area_thr=0.25)
+        return lambda m, x, y: crit(m.forward_loc(x), y)
+    if method == 'sparsifiner':
+        from vitzoo.losses.sparsifiner import distill_loss, teacher_outputs
+        torch.manual_seed(0)
+        with torch.no_grad():
+            t = teacher_outputs(timm.create_model('deit_tiny_patch16_224', img_size=x.shape[-1]).eval(), x,
+                                return_attn=False)
+        if which == 'official':
+            crit = model.official_loss(lambda _: (t['logits'], t['features'], []), nn.CrossEntropyLoss())
+            return lambda m, x, y: crit(x, m(x), y, m.official_cfg)[0]
+        model.set_training_phase('distill')
+        return lambda m, x, y: distill_loss(TrainWrapper(m, 'sparsifiner')(x), t, y)[0]
+    return lambda m, x, y: F.cross_entropy(m(x), y)
+
+
+def _train_step(
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        dtype: str,
+        opt: str,
+        loss_fn: Optional[LossFn] = None,
+) -> Callable[[], torch.Tensor]:
+    """One training step on (x, y): zero grads, forward (bf16 autocast or fp32) + loss (``loss_fn``, default
+    cross-entropy), backward, and the optimizer step when ``opt`` is 'sgd' / 'adamw' ('none': no step)."""
+    loss_fn = loss_fn or (lambda m, x, y: F.cross_entropy(m(x), y))
     optim = None
+    params = [p for p in model.parameters() if p.requires_grad]
     if opt == 'sgd':
-        optim = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        optim = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
     elif opt == 'adamw':
-        optim = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optim = torch.optim.AdamW(params, lr=1e-4)
 
     def step() -> torch.Tensor:
         model.zero_grad(set_to_none=True)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == 'bf16'):
-            loss = F.cross_entropy(model(x), y)
+            loss = loss_fn(model, x, y)
         loss.backward()
         if optim is not None:
             optim.step()
@@ -489,7 +651,8 @@ def suite_train(args, results: Dict) -> None:
             y = torch.randint(0, 1000, (b,), generator=g)
             for dtype in args.train_dtypes:
                 row = dict(model=name, res=s, batch=b, dtype=dtype)
-                steps = {k: _train_step(m, x, y, dtype, args.train_opt) for k, m in cands.items()}
+                steps = {k: _train_step(m, x, y, dtype, args.train_opt, _train_loss_fn(name, k, m, x))
+                         for k, m in cands.items()}
                 if 'official' in steps:  # same weights, same batch: the losses agree (checked before any update)
                     row['loss_diff'] = abs(float(steps['ours']()) - float(steps['official']()))
                 # the warm-up call also allocates the optimizer state
@@ -521,7 +684,7 @@ def _train_peak_rss(name: str, size: int, which: str, batch: int, dtype: str, ar
            '--train-opt', args.train_opt, '--threads', str(torch.get_num_threads()),
            '--train-linear', args.train_linear]
     if args.official_dir:
-        cmd += ['--official-dir', args.official_dir]
+        cmd += ['--official-dir', *args.official_dir]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=dict(os.environ)).stdout
     return round(float(out.strip().splitlines()[-1]), 1)
 
@@ -530,7 +693,7 @@ def _train_probe(name: str, size: int, which: str, batch: int, dtype: str, args)
     """Child process: build one candidate, then print the RSS growth (MiB) caused by its first training step."""
     model = _train_candidates(name, size, args.official_dir, only=which)[which]
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
-    step = _train_step(model, x, y, dtype, args.train_opt)
+    step = _train_step(model, x, y, dtype, args.train_opt, _train_loss_fn(name, which, model, x))
     with open('/proc/self/clear_refs', 'w') as f:  # reset VmHWM: construction peaks must not hide the step's
         f.write('5')
     base = _proc_status_kib('VmRSS')
@@ -583,7 +746,8 @@ def suite_compile(args, results: Dict) -> None:
         torch._dynamo.reset()
     results['compile'] = rows
     print_table(f'torch.compile ({args.compile_backend}) vs eager, 224², CPU, {torch.get_num_threads()} threads, '
-                f'{args.timer} time, median of {args.repeats} interleaved (speed-up = eager / compiled)', rows, args.out)
+                f'{args.timer} time, median of {args.repeats} interleaved (speed-up = eager / compiled)', rows,
+                args.out)
 
 
 SUITES = {'models': suite_models, 'agent': suite_agent, 'sparsifiner': suite_sparsifiner, 'train': suite_train,
@@ -600,7 +764,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('-b', '--batch-size', type=int, default=8, help='batch size at 224²')
     p.add_argument('--repeats', type=int, default=5, help='timed repetitions (median reported)')
     p.add_argument('--threads', type=int, default=0, help='torch threads (0 = default)')
-    p.add_argument('--official-dir', default=None, help='checkout of LeapLabTHU/Agent-Attention (agent suite)')
+    p.add_argument('--official-dir', nargs='+', default=None,
+                   help='checkouts of the official repositories, any of: Agent-Attention (agent and train suites), '
+                        'SAT, Sparsifiner, TAPADL (train suite); each is recognised by its layout')
     p.add_argument('--output', default='output/benchmark', help='folder for benchmark.json and CSV tables')
     p.add_argument('--train-models', nargs='*', default=TRAIN_MODELS, help='models for the train suite')
     p.add_argument('--compile-models', nargs='*', default=['agent_deit_tiny', 'agent_pvt_tiny', 'agent_swin_tiny',
