@@ -295,3 +295,41 @@ def test_deit_init_tag_loads_the_hub_deit_checkpoint(tmp_path, monkeypatch):
     for k in ('loc_token', 'loc_embed', 'head.weight', 'head.bias'):
         assert torch.equal(sd[k], fresh[k]), k  # the model's own init, untouched by the DeiT file
     assert not torch.equal(sd['cls_token'], fresh['cls_token'])
+
+
+@pytest.mark.parametrize('shape,kernel,padding', [((2, 16, 14, 14), 3, 1), ((2, 8, 7, 9), 3, 0), ((1, 4, 5, 5), 1, 0),
+                                                  ((2, 6, 6, 4), 5, 2)])
+def test_conv2d_mean_is_conv_then_mean(shape, kernel, padding):
+    from vitzoo.layers.pooled_conv import conv2d_mean
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, shape[1], kernel, kernel, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    ref = torch.nn.functional.conv2d(x, w, b, padding=padding).mean(dim=(2, 3))
+    out = conv2d_mean(x, w, b, (padding, padding))
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(ref)
+    for a, r in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r'does not fit kernel \(7, 3, 3, 3\)'):
+        conv2d_mean(torch.randn(1, 2, 4, 4), torch.randn(7, 3, 3, 3))
+
+
+def test_head_logits_skip_the_class_maps_unless_hooked():
+    """The pooled logits never run the conv over the map (1/200 of its FLOPs); a forward hook on the head, or
+    global_pool='' (the class maps), gets the conv itself; all give the same values."""
+    model = timm.create_model('sat_deit_tiny', num_classes=10, embed_dim=32, depth=4, num_heads=2).eval()
+    feats = torch.randn(2, 32, 4, 6)
+    calls = []
+    with torch.no_grad():
+        fast = model.forward_head(feats)
+        h = model.head.register_forward_hook(lambda m, i, o: calls.append(o.shape))
+        hooked = model.forward_head(feats)
+        h.remove()
+        maps = model.head(feats)
+        model.forward_head(feats)
+    assert calls == [(2, 10, 4, 6)]  # the hooked call only
+    torch.testing.assert_close(fast, maps.mean(dim=(2, 3)), rtol=0, atol=1e-6)
+    torch.testing.assert_close(hooked, maps.mean(dim=(2, 3)), rtol=0, atol=1e-6)
+    model.reset_classifier(10, '')
+    assert model.forward_head(feats).shape == (2, 10, 4, 6)

@@ -44,6 +44,7 @@ import torch.nn as nn
 from timm.layers import use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 
+from vitzoo.layers.pooled_conv import conv2d_mean
 from vitzoo.layers.spatial_token import SpatialTokenAttention, fuse_spatial_masks
 from ._blocks import PreNormBlock
 from ._builder import build_model_with_cfg
@@ -154,10 +155,24 @@ class SATVisionTransformer(DeiTShell):
         """Conv 3x3 head + global average pooling on a (B, C, h, w) feature map.
 
         With ``pre_logits`` the pooled features (B, C) are returned (the head is a conv, so these are the average patch
-        features it sees, not a linear head's input); with ``global_pool=''`` the unpooled maps are returned.
+        features it sees, not a linear head's input); with ``global_pool=''`` the unpooled maps are returned. The
+        pooled logits are computed without the class maps (:func:`vitzoo.layers.pooled_conv.conv2d_mean`: the same
+        values, ~1/200 of the head's FLOPs at 14x14) unless hooks on ``head`` expect it to be called.
         """
         x = self.head_drop(x)
-        return self.pool(x if pre_logits else self.head(x))
+        if pre_logits:
+            return self.pool(x)
+        if self.global_pool == 'avg' and self._pooled_head():
+            return conv2d_mean(x, self.head.weight, self.head.bias, self.head.padding)
+        return self.pool(self.head(x))
+
+    @torch.jit.ignore
+    def _pooled_head(self) -> bool:
+        h = self.head
+        return (type(h) is nn.Conv2d and h.stride == (1, 1) and h.dilation == (1, 1) and h.groups == 1
+                and h.padding_mode == 'zeros' and not isinstance(h.padding, str)
+                and not (h._forward_hooks or h._forward_pre_hooks or nn.modules.module._global_forward_hooks
+                         or nn.modules.module._global_forward_pre_hooks))
 
     def forward_loc(
             self,
