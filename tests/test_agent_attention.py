@@ -368,3 +368,40 @@ def test_bf16_training_takes_the_explicit_path():
         with torch.no_grad(), profile() as prof, torch.autocast('cpu', dtype=torch.bfloat16):
             fn()
         assert [e.key for e in prof.key_averages() if 'scaled_dot_product' in e.key]
+
+
+@pytest.mark.parametrize('hw,out', [((14, 14), (7, 7)), ((56, 56), (3, 3)), ((9, 13), (4, 5)), ((7, 5), (7, 5))])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_agent_pooling_gradient_matches_adaptive_avg_pool(hw, out, dtype):
+    """The agent pooling's GEMM backward gives aten's adaptive-pooling gradient for the channels-last token views the
+    models pool (uniform and overlapping bins), and never runs aten's backward kernel."""
+    from torch.profiler import profile
+    from vitzoo.layers.agent_attention import adaptive_avg_pool
+    torch.manual_seed(0)
+    (h, w), C = hw, 8
+    base = torch.randn(2, h * w, 3 * C, dtype=dtype, requires_grad=True)
+    grid = base[:, :, :C].reshape(2, h, w, C).permute(0, 3, 1, 2)  # a q slice of a fused qkv output
+    g = torch.randn(2, C, *out, dtype=dtype)
+    ref_out = torch.nn.functional.adaptive_avg_pool2d(grid, out)
+    ref = torch.autograd.grad(ref_out, base, g)[0]
+    with profile() as prof:
+        y = adaptive_avg_pool(grid, out)
+        got = torch.autograd.grad(y, base, g)[0]
+    assert not any('adaptive_avg_pool2d_backward' in e.name for e in prof.events())
+    assert torch.equal(y, ref_out)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-7)
+    else:  # the bin means are rounded to bf16 before the 0/1 GEMMs: about one rounding step of the scale apart
+        scale = ref.float().abs().max().item()
+        torch.testing.assert_close(got.float(), ref.float(), rtol=2 ** -7, atol=scale * 2 ** -7)
+
+
+def test_agent_pooling_double_backward_and_plain_paths():
+    from vitzoo.layers.agent_attention import adaptive_avg_pool
+    x = torch.randn(2, 3, 9, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: adaptive_avg_pool(t, (4, 3)), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: adaptive_avg_pool(t, (4, 3)) ** 2, (x,))
+    with torch.no_grad():  # inference: aten's kernel itself
+        assert adaptive_avg_pool(x, (4, 3)).grad_fn is None
+    assert type(adaptive_avg_pool(x, (4, 3)).grad_fn).__name__ == '_AdaptiveAvgPoolBackward'
+    assert type(adaptive_avg_pool(x.detach(), (4, 3))).__name__ == 'Tensor'
