@@ -191,3 +191,14 @@ def test_benchmark_official_checkouts(tmp_path):
     assert bench.official_checkouts(None) == {}
     with pytest.raises(FileNotFoundError, match=r'--official-dir .*elsewhere: not a checkout .*Model/SAT.py'):
         bench.official_checkouts([str(tmp_path / 'elsewhere')])
+
+
+def test_benchmark_official_import_names_a_missing_dependency(tmp_path):
+    bench = _load('benchmark')
+    (tmp_path / 'Model').mkdir()
+    (tmp_path / 'Model' / '__init__.py').write_text('')
+    (tmp_path / 'Model' / 'SAT.py').write_text('import vitzoo_no_such_dependency\n')
+    with pytest.raises(ModuleNotFoundError, match=r"imports 'vitzoo_no_such_dependency', which is not installed"):
+        bench._import_checkout_module(tmp_path, 'Model.SAT')
+    import sys
+    assert 'Model' not in sys.modules and str(tmp_path) not in sys.path  # the checkout's names are forgotten

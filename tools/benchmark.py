@@ -133,7 +133,9 @@ def _import_checkout_module(root: Path, *modules: str) -> List[types.ModuleType]
     never replace vitzoo's models of the same name in timm's registry (their cfgs do not parse under timm 1.x either).
     """
     import warnings
-    import timm.models.registry as registry
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', FutureWarning)
+        import timm.models.registry as registry  # the deprecated module the official code imports register_model from
     names = {p.stem for p in root.iterdir() if p.suffix == '.py' or (p / '__init__.py').is_file()}
     hidden = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split('.')[0] in names}
     register = registry.register_model
@@ -143,6 +145,11 @@ def _import_checkout_module(root: Path, *modules: str) -> List[types.ModuleType]
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
             return [importlib.import_module(m) for m in modules]
+    except ModuleNotFoundError as e:
+        if e.name.split('.')[0] in names:
+            raise
+        raise ModuleNotFoundError(f'--official-dir {root}: the official code imports {e.name!r}, which is not installed '
+                                  f'(pip install it to measure against that code)', name=e.name) from e
     finally:
         sys.path.remove(str(root))
         registry.register_model = register
