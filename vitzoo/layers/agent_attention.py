@@ -495,11 +495,10 @@ class AgentAttention(nn.Module):
             v_grid = F.interpolate(v_grid, size=(h, w), mode='bilinear', align_corners=False)
         dwc = getattr(self, self.dwc_name)(v_grid).flatten(2).transpose(1, 2)
         if P:
-            # the class token gets no DWC term
-            x = torch.cat([x[:, :P], x[:, P:] + dwc], dim=1)
-        else:
-            x = x + dwc
-        return x
+            # the class token gets no DWC term. Zero rows padded onto the DWC, not slices of x: the backward of a
+            # slice zero-fills and copies a whole (B, N, C) gradient, the padding's backward is a view
+            dwc = F.pad(dwc, (0, 0, P, 0))
+        return x + dwc
 
     def use_factored(self) -> bool:
         """Whether :meth:`attend` takes the factored path (see the module docstring)."""
