@@ -202,3 +202,4 @@ def test_benchmark_official_import_names_a_missing_dependency(tmp_path):
         bench._import_checkout_module(tmp_path, 'Model.SAT')
     import sys
     assert 'Model' not in sys.modules and str(tmp_path) not in sys.path  # the checkout's names are forgotten
+    assert not any(isinstance(f, bench._CheckoutFinder) for f in sys.meta_path)

@@ -38,6 +38,8 @@ Examples:
 import argparse
 import csv
 import importlib
+import importlib.abc
+import importlib.machinery
 import json
 import math
 import os
@@ -47,7 +49,7 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 import torch
 import torch.nn as nn
@@ -125,22 +127,36 @@ def official_checkouts(dirs: Optional[Sequence[str]]) -> Dict[str, Path]:
     return found
 
 
+class _CheckoutFinder(importlib.abc.MetaPathFinder):
+    """Finds the given top-level names (and so their submodules) in one checkout folder, ahead of everything else."""
+
+    def __init__(self, root: Path, names: Set[str]):
+        self.root, self.names = str(root), names
+
+    def find_spec(self, fullname, path=None, target=None):
+        if path is None and fullname in self.names:
+            return importlib.machinery.PathFinder.find_spec(fullname, [self.root])
+        return None
+
+
 def _import_checkout_module(root: Path, *modules: str) -> List[types.ModuleType]:
-    """Import ``modules`` of an official checkout with ``root`` first on sys.path, then forget its top-level names.
+    """Import ``modules`` of an official checkout whose top-level names resolve to ``root``, then forget those names.
 
     Several checkouts ship top-level ``models`` / ``utils`` packages: each import sees only its own, and afterwards
-    none of them shadows another. timm's ``register_model`` is an identity meanwhile, so the official entrypoints
-    never replace vitzoo's models of the same name in timm's registry (their cfgs do not parse under timm 1.x either).
+    none of them shadows another (vitzoo itself stays the installed package: sys.path is not touched). timm's
+    ``register_model`` is an identity meanwhile, so the official entrypoints never replace vitzoo's models of the same
+    name in timm's registry (their cfgs do not parse under timm 1.x either).
     """
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', FutureWarning)
         import timm.models.registry as registry  # the deprecated module the official code imports register_model from
-    names = {p.stem for p in root.iterdir() if p.suffix == '.py' or (p / '__init__.py').is_file()}
+    names = {p.stem for p in root.iterdir() if p.suffix == '.py' or p.is_dir()}
     hidden = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split('.')[0] in names}
     register = registry.register_model
     registry.register_model = lambda fn: fn
-    sys.path.insert(0, str(root))
+    finder = _CheckoutFinder(root, names)
+    sys.meta_path.insert(0, finder)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
@@ -151,7 +167,7 @@ def _import_checkout_module(root: Path, *modules: str) -> List[types.ModuleType]
         raise ModuleNotFoundError(f'--official-dir {root}: the official code imports {e.name!r}, which is not installed '
                                   f'(pip install it to measure against that code)', name=e.name) from e
     finally:
-        sys.path.remove(str(root))
+        sys.meta_path.remove(finder)
         registry.register_model = register
         for k in [k for k in sys.modules if k.split('.')[0] in names]:
             del sys.modules[k]
