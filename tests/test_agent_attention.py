@@ -405,3 +405,41 @@ def test_agent_pooling_double_backward_and_plain_paths():
         assert adaptive_avg_pool(x, (4, 3)).grad_fn is None
     assert type(adaptive_avg_pool(x, (4, 3)).grad_fn).__name__ == '_AdaptiveAvgPoolBackward'
     assert type(adaptive_avg_pool(x.detach(), (4, 3))).__name__ == 'Tensor'
+
+
+@pytest.mark.parametrize('size', [(28, 28), (56, 56), (5, 9), (7, 7), (3, 2)])
+def test_bilinear_resize_matches_interpolate(size):
+    from vitzoo.layers.agent_attention import bilinear_resize
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 7, 7, requires_grad=True)
+    ref = torch.nn.functional.interpolate(x, size=size, mode='bilinear', align_corners=False)
+    out = bilinear_resize(x, size)
+    out_cl = bilinear_resize(x.permute(0, 2, 3, 1), size, channels_last=True).permute(0, 3, 1, 2)
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-6)
+    torch.testing.assert_close(out_cl, ref, rtol=0, atol=2e-6)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(out_cl, x, g)[0], torch.autograd.grad(ref, x, g)[0],
+                               rtol=1e-6, atol=2e-5)
+
+
+def test_biases_are_built_in_fp32_under_autocast():
+    """The GEMM resize of the agent biases runs in fp32 under bf16 autocast, as F.interpolate does; the biases equal
+    the compiled path's F.interpolate construction."""
+    torch.manual_seed(0)
+    m = AgentAttention(32, 2, 16, window_size=(8, 8), num_prefix_tokens=1)
+    for p in m.parameters():
+        p.data.normal_()
+    ref1, ref2 = m._compute_biases((8, 8), (8, 8), torch.float32)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        b1, b2 = m._compute_biases((8, 8), (8, 8), torch.float32)
+    assert b1.dtype == b2.dtype == torch.float32
+    torch.testing.assert_close(b1, ref1, rtol=0, atol=0)
+    torch.testing.assert_close(b2, ref2, rtol=0, atol=0)
+    # the F.interpolate construction (compiled / exported graphs)
+    up1 = torch.nn.functional.interpolate(m.an_bias, size=(8, 8), mode='bilinear', align_corners=False)
+    exp1 = torch.cat([m.ac_bias, (up1.reshape(1, 2, 16, 64) + (m.ah_bias + m.aw_bias).reshape(1, 2, 16, 64))], -1)
+    up2 = torch.nn.functional.interpolate(m.na_bias, size=(8, 8), mode='bilinear', align_corners=False)
+    exp2 = torch.cat([m.ca_bias, up2.flatten(2).transpose(-1, -2).unsqueeze(0)
+                      + (m.ha_bias + m.wa_bias).reshape(1, 2, 64, 16)], -2)
+    torch.testing.assert_close(b1, exp1, rtol=0, atol=1e-6)
+    torch.testing.assert_close(b2, exp2, rtol=0, atol=1e-6)

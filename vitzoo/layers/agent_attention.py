@@ -32,6 +32,7 @@ Beyond the official code:
 
 This module imports only torch.
 """
+import contextlib
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -42,8 +43,8 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from .linear import Linear, linear
 from .sdpa import use_sdpa
 
-__all__ = ['AgentAttention', 'agent_attention', 'adaptive_avg_pool', 'resize_bias_1d', 'resize_agent_grid',
-           'split_qkv']
+__all__ = ['AgentAttention', 'agent_attention', 'adaptive_avg_pool', 'bilinear_resize', 'resize_bias_1d',
+           'resize_agent_grid', 'split_qkv']
 
 
 def split_qkv(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
@@ -92,6 +93,39 @@ def resize_agent_grid(bias: torch.Tensor, old_hw: Tuple[int, int], new_hw: Tuple
     x = x.reshape(-1, 1, *old_hw).float()
     x = F.interpolate(x, size=new_hw, mode='bilinear', align_corners=False)
     return x.to(bias.dtype).reshape(*shape[:-1], new_hw[0] * new_hw[1]).movedim(-1, dim)
+
+
+def _bilinear_matrix(out: int, size: int, like: torch.Tensor) -> torch.Tensor:
+    # (out, size) weights of a linear resize with align_corners=False, computed as aten's CPU kernel does (fp32)
+    scale = size / out
+    src = ((torch.arange(out, device=like.device, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_(min=0)
+    i0 = src.floor().long().clamp_(max=size - 1)
+    lam = (src - i0).clamp_(0, 1)
+    i1 = (i0 + 1).clamp_(max=size - 1)
+    rows = torch.arange(out, device=like.device)
+    m = torch.zeros(out, size, device=like.device, dtype=torch.float32)
+    m.index_put_((rows, i0), 1 - lam, accumulate=True)
+    m.index_put_((rows, i1), lam, accumulate=True)
+    return m.to(like.dtype)
+
+
+def bilinear_resize(x: torch.Tensor, size: Tuple[int, int], channels_last: bool = False) -> torch.Tensor:
+    """``F.interpolate(x, size, mode='bilinear', align_corners=False)`` as two small GEMMs (equal up to rounding).
+
+    Args:
+        x: (..., H, W, C) maps if ``channels_last``, else (..., C, H, W).
+        size: Output (h, w).
+        channels_last: The layout of ``x`` and of the result.
+    """
+    h, w = size
+    if channels_last:
+        H, W, C = x.shape[-3:]
+        lead = x.shape[:-3]
+        y = torch.matmul(_bilinear_matrix(h, H, x), x.reshape(-1, H, W * C))  # (L, h, W * C)
+        y = torch.matmul(_bilinear_matrix(w, W, x), y.reshape(-1, W, C))  # (L * h, w, C)
+        return y.reshape(*lead, h, w, C)
+    H, W = x.shape[-2:]
+    return _bilinear_matrix(h, H, x) @ x @ _bilinear_matrix(w, W, x).transpose(0, 1)
 
 
 def _pool_bins(size: int, out: int, like: torch.Tensor) -> torch.Tensor:
@@ -372,18 +406,28 @@ class AgentAttention(nn.Module):
             n = new[0] * new[1]
         h, w = hw
         kh, kw = kv_hw
-        b1 = F.interpolate(an, size=(kh, kw), mode='bilinear', align_corners=False).reshape(1, heads, n, kh * kw)
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            b1 = F.interpolate(an, size=(kh, kw), mode='bilinear', align_corners=False)
+            b2 = F.interpolate(na, size=(h, w), mode='bilinear', align_corners=False).flatten(2).transpose(-1, -2)
+        else:
+            # the same bilinear resize as two small GEMMs each (aten's NCHW kernel is 3-7x slower on these many-channel
+            # 7x7 maps, forward and backward); B2 comes out token-major, the layout the attention reads. fp32 even
+            # under autocast, as F.interpolate computes.
+            dev = an.device.type
+            no_autocast = torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else None
+            with no_autocast or contextlib.nullcontext():
+                b1 = bilinear_resize(an, (kh, kw))
+                b2 = bilinear_resize(na.permute(0, 2, 3, 1), (h, w), channels_last=True).flatten(1, 2)
+        b1 = b1.reshape(1, heads, n, kh * kw)
         b1 = b1 + (resize_bias_1d(ah, kh, 3) + resize_bias_1d(aw, kw, 4)).reshape(1, heads, n, kh * kw)
-        # B2 is built agents-major (1, H, n, P + N), the layout of the interpolated block bias
-        b2 = F.interpolate(na, size=(h, w), mode='bilinear', align_corners=False).reshape(1, heads, n, h * w)
-        b2 = b2 + (resize_bias_1d(ha, h, 2) + resize_bias_1d(wa, w, 3)).reshape(1, heads, h * w, n).transpose(-1, -2)
+        # B2 token-major (1, H, P + N, n)
+        b2 = b2.reshape(1, heads, h * w, n) + (resize_bias_1d(ha, h, 2) + resize_bias_1d(wa, w, 3)).reshape(
+            1, heads, h * w, n)
         if ac is not None:
             b1 = torch.cat([ac, b1], dim=-1)
-            b2 = torch.cat([ca.transpose(-1, -2), b2], dim=-1)
+            b2 = torch.cat([ca, b2], dim=-2)
         if agents_major:
-            b2 = b2.reshape(1, heads * n, -1)
-        else:
-            b2 = b2.transpose(-1, -2).contiguous()
+            b2 = b2.transpose(-1, -2).reshape(1, heads * n, -1)
         return b1.to(dtype), b2.to(dtype)
 
     def get_biases(
