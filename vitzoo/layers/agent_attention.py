@@ -23,6 +23,9 @@ Beyond the official code:
   (``fused_attn=True``); the explicit path computes the same thing with materialised attention maps. Training on a
   CPU with trainable biases or under bf16 autocast takes the explicit path (``vitzoo.layers.sdpa.use_sdpa``: SDPA's
   CPU kernel has no mask gradient, and its reduced-precision backward is several times slower);
+- the agent pooling's backward and the bilinear resize of the block biases are small GEMMs (:class:`_AdaptiveAvgPool`,
+  :func:`bilinear_resize`): aten's kernels run several times slower on these channels-last views and many-channel
+  7x7 maps (compiled / exported graphs keep aten's ops);
 - the *factored* path (``fused_attn=True`` and few agents per channel, n·H <= C/2: the high-resolution stages of
   Agent-PVT/Swin/CSwin) never forms Q and K. Pooling commutes with the affine q projection, so the agents are
   ``A = pool(X) W_q^T + b_q``; the logits are ``Q A^T = X (A W_q)^T + b_q A^T`` and ``A K^T = (A W_k) X^T + A b_k``,
