@@ -228,8 +228,11 @@ def agent_attention(
     if fused1:
         agent_v = F.scaled_dot_product_attention(agents, k, v, attn_mask=bias1, dropout_p=dropout_p, scale=scale)
     else:
-        # Explicit path, in the official order: scale applied to the tokens, then bias, then softmax.
-        attn = ((agents * scale) @ k.transpose(-2, -1) + bias1).softmax(dim=-1)
+        # Explicit path, in the official order: scale applied to the tokens, then bias, then softmax. The logits are
+        # computed token-major and read transposed: k's gradient then comes out token-major too, and the fused qkv
+        # projection's backward stacks q / k / v gradients of one layout (a transposed one stacks several times
+        # slower); the bias goes first so that the sum is laid out agents-major for the softmax.
+        attn = (bias1 + torch.matmul(k, (agents * scale).transpose(-2, -1)).transpose(-2, -1)).softmax(dim=-1)
         if dropout_p > 0.0:
             attn = F.dropout(attn, p=dropout_p)
         agent_v = attn @ v
