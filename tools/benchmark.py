@@ -37,6 +37,7 @@ Examples:
 """
 import argparse
 import csv
+import functools
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -49,7 +50,7 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Set
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -139,8 +140,11 @@ class _CheckoutFinder(importlib.abc.MetaPathFinder):
         return None
 
 
-def _import_checkout_module(root: Path, *modules: str) -> List[types.ModuleType]:
+@functools.lru_cache(maxsize=None)
+def _import_checkout_module(root: Path, *modules: str, names: Tuple[str, ...] = ()) -> Tuple[types.ModuleType, ...]:
     """Import ``modules`` of an official checkout whose top-level names resolve to ``root``, then forget those names.
+
+    The names are ``names``, or by default every top-level module / folder of ``root`` (a checkout's own root).
 
     Several checkouts ship top-level ``models`` / ``utils`` packages: each import sees only its own, and afterwards
     none of them shadows another (vitzoo itself stays the installed package: sys.path is not touched). timm's
@@ -151,7 +155,7 @@ def _import_checkout_module(root: Path, *modules: str) -> List[types.ModuleType]
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', FutureWarning)
         import timm.models.registry as registry  # the deprecated module the official code imports register_model from
-    names = {p.stem for p in root.iterdir() if p.suffix == '.py' or p.is_dir()}
+    names = set(names) or {p.stem for p in root.iterdir() if p.suffix == '.py' or p.is_dir()}
     hidden = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split('.')[0] in names}
     register = registry.register_model
     registry.register_model = lambda fn: fn
@@ -160,12 +164,12 @@ def _import_checkout_module(root: Path, *modules: str) -> List[types.ModuleType]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
-            return [importlib.import_module(m) for m in modules]
+            return tuple(importlib.import_module(m) for m in modules)
     except ModuleNotFoundError as e:
         if e.name.split('.')[0] in names:
             raise
-        raise ModuleNotFoundError(f'--official-dir {root}: the official code imports {e.name!r}, which is not installed '
-                                  f'(pip install it to measure against that code)', name=e.name) from e
+        raise ModuleNotFoundError(f'--official-dir {root}: the official code imports {e.name!r}, which is not '
+                                  f'installed (pip install it to measure against that code)', name=e.name) from e
     finally:
         sys.meta_path.remove(finder)
         registry.register_model = register
@@ -182,17 +186,10 @@ def import_official(official_dir: str) -> types.SimpleNamespace:
     missing = [n for n in needed if not (models / n).is_file()]
     if missing:
         raise FileNotFoundError(f'--official-dir {official_dir}: {models} lacks {", ".join(missing)}')
-    import warnings
-    warnings.filterwarnings('ignore', category=FutureWarning)
-    import timm.models.registry as registry
-    registry.register_model = lambda fn: fn  # the official deit cfgs do not parse under timm >= 0.9
-    pkg = types.ModuleType('agent_official')
-    pkg.__path__ = [str(models)]
-    sys.modules['agent_official'] = pkg
-    ns = types.SimpleNamespace()
-    for name in ('agent_deit', 'agent_pvt', 'agent_swin', 'agent_cswin'):
-        setattr(ns, name, importlib.import_module(f'agent_official.{name}'))
-    return ns
+    names = ('agent_deit', 'agent_pvt', 'agent_swin', 'agent_cswin')
+    # only the models package itself: its parent may be any folder (a models folder passed directly)
+    mods = _import_checkout_module(models.parent, *(f'{models.name}.{n}' for n in names), names=(models.name,))
+    return types.SimpleNamespace(**dict(zip(names, mods)))
 
 
 def _agent_official(official_dirs: Optional[Sequence[str]]) -> Optional[types.SimpleNamespace]:

@@ -113,7 +113,11 @@ def _bilinear_matrix(out: int, size: int, like: torch.Tensor) -> torch.Tensor:
 
 
 def bilinear_resize(x: torch.Tensor, size: Tuple[int, int], channels_last: bool = False) -> torch.Tensor:
-    """``F.interpolate(x, size, mode='bilinear', align_corners=False)`` as two small GEMMs (equal up to rounding).
+    """``F.interpolate(x, size, mode='bilinear', align_corners=False)``, as two small GEMMs in eager mode.
+
+    aten's NCHW kernel is 3-7x slower than the GEMMs on many-channel small maps such as the 7x7 agent biases, forward
+    and backward. Equal up to rounding; computed in the input's dtype even under autocast, as F.interpolate is.
+    Compiled / exported graphs get F.interpolate itself.
 
     Args:
         x: (..., H, W, C) maps if ``channels_last``, else (..., C, H, W).
@@ -121,14 +125,22 @@ def bilinear_resize(x: torch.Tensor, size: Tuple[int, int], channels_last: bool 
         channels_last: The layout of ``x`` and of the result.
     """
     h, w = size
-    if channels_last:
-        H, W, C = x.shape[-3:]
-        lead = x.shape[:-3]
-        y = torch.matmul(_bilinear_matrix(h, H, x), x.reshape(-1, H, W * C))  # (L, h, W * C)
-        y = torch.matmul(_bilinear_matrix(w, W, x), y.reshape(-1, W, C))  # (L * h, w, C)
-        return y.reshape(*lead, h, w, C)
-    H, W = x.shape[-2:]
-    return _bilinear_matrix(h, H, x) @ x @ _bilinear_matrix(w, W, x).transpose(0, 1)
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        if channels_last:
+            x = x.movedim(-1, -3)
+        y = F.interpolate(x.reshape(-1, *x.shape[-3:]), size=size, mode='bilinear', align_corners=False)
+        y = y.reshape(*x.shape[:-2], h, w)
+        return y.movedim(-3, -1) if channels_last else y
+    dev = x.device.type
+    no_autocast = torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else None
+    with no_autocast or contextlib.nullcontext():
+        if channels_last:
+            H, W, C = x.shape[-3:]
+            y = torch.matmul(_bilinear_matrix(h, H, x), x.reshape(-1, H, W * C))  # (L, h, W * C)
+            y = torch.matmul(_bilinear_matrix(w, W, x), y.reshape(-1, W, C))  # (L * h, w, C)
+            return y.reshape(*x.shape[:-3], h, w, C)
+        H, W = x.shape[-2:]
+        return _bilinear_matrix(h, H, x) @ x @ _bilinear_matrix(w, W, x).transpose(0, 1)
 
 
 def _pool_bins(size: int, out: int, like: torch.Tensor) -> torch.Tensor:
@@ -412,21 +424,11 @@ class AgentAttention(nn.Module):
             n = new[0] * new[1]
         h, w = hw
         kh, kw = kv_hw
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-            b1 = F.interpolate(an, size=(kh, kw), mode='bilinear', align_corners=False)
-            b2 = F.interpolate(na, size=(h, w), mode='bilinear', align_corners=False).flatten(2).transpose(-1, -2)
-        else:
-            # the same bilinear resize as two small GEMMs each (aten's NCHW kernel is 3-7x slower on these many-channel
-            # 7x7 maps, forward and backward); B2 comes out token-major, the layout the attention reads. fp32 even
-            # under autocast, as F.interpolate computes.
-            dev = an.device.type
-            no_autocast = torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else None
-            with no_autocast or contextlib.nullcontext():
-                b1 = bilinear_resize(an, (kh, kw))
-                b2 = bilinear_resize(na.permute(0, 2, 3, 1), (h, w), channels_last=True).flatten(1, 2)
+        b1 = bilinear_resize(an, (kh, kw))
+        # B2 token-major (1, H, P + N, n): the layout the attention reads, straight from the resize
+        b2 = bilinear_resize(na.permute(0, 2, 3, 1), (h, w), channels_last=True).flatten(1, 2)
         b1 = b1.reshape(1, heads, n, kh * kw)
         b1 = b1 + (resize_bias_1d(ah, kh, 3) + resize_bias_1d(aw, kw, 4)).reshape(1, heads, n, kh * kw)
-        # B2 token-major (1, H, P + N, n)
         b2 = b2.reshape(1, heads, h * w, n) + (resize_bias_1d(ha, h, 2) + resize_bias_1d(wa, w, 3)).reshape(
             1, heads, h * w, n)
         if ac is not None:

@@ -11,7 +11,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from vitzoo.layers.linear import linear_grads, matmul_bias, matmul_grad_input, use_onednn
 
 __all__ = ['CheckpointError', 'unwrap_state_dict', 'check_state_dict', 'adapt_submodules', 'finish_state_dict',
-           'embed_patches', 'sizes_match', 'init_weights_trunc_normal', 'Mlp']
+           'embed_patches', 'sizes_match', 'init_weights_trunc_normal', 'has_forward_hooks', 'Mlp']
 
 
 def sizes_match(a: Tuple[int, ...], b: Tuple[int, ...]) -> bool:
@@ -204,6 +204,13 @@ def embed_patches(
     return x.reshape(B, h * w, C), pos, (h, w)
 
 
+def has_forward_hooks(*modules: nn.Module) -> bool:
+    """Whether forward (pre-)hooks are registered on any of ``modules`` or globally: a fused path that skips calling
+    those modules must then fall back to calling them."""
+    return bool(any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+                or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+
+
 class _GeluMlpFunction(torch.autograd.Function):
     """``fc2(gelu(fc1(x)))`` whose backward writes its gradients into the buffers of the activations it saved.
 
@@ -294,8 +301,7 @@ class Mlp(_TimmMlp):
                 or self.fc2.bias is None or self.training and (self.drop1.p > 0.0 or self.drop2.p > 0.0):
             return False
         # forward hooks on the layers (activation statistics, pruning, ...) must see them called
-        return not (any(m._forward_hooks or m._forward_pre_hooks for m in (self, self.fc1, self.act, self.fc2))
-                    or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+        return not has_forward_hooks(self, self.fc1, self.act, self.fc2)
 
     @torch.jit.ignore
     def _fused_train_forward(self, x: torch.Tensor) -> torch.Tensor:

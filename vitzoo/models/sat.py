@@ -48,7 +48,7 @@ from vitzoo.layers.pooled_conv import conv2d_mean
 from vitzoo.layers.spatial_token import SpatialTokenAttention, fuse_spatial_masks
 from ._blocks import PreNormBlock
 from ._builder import build_model_with_cfg
-from ._helpers import embed_patches, finish_state_dict, unwrap_state_dict
+from ._helpers import embed_patches, finish_state_dict, has_forward_hooks, unwrap_state_dict
 from ._manifest import manifest_cfg
 from ._vit import BlockState, DeiTShell, adapt_embeddings, deit_build_kwargs, deit_cfg
 
@@ -170,9 +170,7 @@ class SATVisionTransformer(DeiTShell):
     def _pooled_head(self) -> bool:
         h = self.head
         return (type(h) is nn.Conv2d and h.stride == (1, 1) and h.dilation == (1, 1) and h.groups == 1
-                and h.padding_mode == 'zeros' and not isinstance(h.padding, str)
-                and not (h._forward_hooks or h._forward_pre_hooks or nn.modules.module._global_forward_hooks
-                         or nn.modules.module._global_forward_pre_hooks))
+                and h.padding_mode == 'zeros' and not isinstance(h.padding, str) and not has_forward_hooks(h))
 
     def forward_loc(
             self,
