@@ -94,11 +94,15 @@ def test_factored_equals_sdpa_and_explicit(layout, prefix, sr, hw, agent_hw):
         assert (got.double() - truth).abs().max() < 2e-6 * scale
 
 
-def test_factored_gradients_equal_explicit():
+@pytest.mark.parametrize('prefix', [0, 1])
+@pytest.mark.parametrize('per_head', [False, True])
+def test_factored_gradients_equal_explicit(prefix, per_head):
     # Compared against the explicit path in float64 (the truth up to ~1e-15): large random weights make the softmaxes
-    # peaked, so two fp32 paths differ from each other by more than either differs from the truth.
-    m = _randomize(AgentAttention(32, num_heads=2, agent_num=4, window_size=(8, 8), num_prefix_tokens=1)).train()
-    x = torch.randn(2, 65, 32)
+    # peaked, so two fp32 paths differ from each other by more than either differs from the truth. per_head: the
+    # factored path's per-head value GEMMs (used under autograd for many agents) instead of block-diagonal ones.
+    m = _randomize(AgentAttention(32, num_heads=2, agent_num=4, window_size=(8, 8), num_prefix_tokens=prefix)).train()
+    m.per_head_min_agents = 0 if per_head else 1 << 30
+    x = torch.randn(2, prefix + 64, 32)
 
     def grads(dtype):
         m.to(dtype).zero_grad()

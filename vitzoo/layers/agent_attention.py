@@ -288,6 +288,12 @@ class AgentAttention(nn.Module):
     bias_cache_max_bytes: int = 2 << 20
     # The factored path pays off when the H·n agent logits per token are few against the C channels it saves.
     factored_max_agent_ratio: float = 0.5
+    # Factored path under autograd with at least this many H·n agents: per-head value GEMMs instead of the
+    # block-diagonal (H·n x C) ones, whose H-fold FLOPs (and backward) stop being hidden by memory traffic there.
+    # Measured: Agent-Swin-T stage 2 (H·n = 96) module fwd+bwd 1.10x, whole step 1.01-1.02x (fp32 / bf16); below,
+    # the copies of the per-head layout cost more than they save (Agent-CSwin-T stage 2, H·n = 64 on 56-token stripes:
+    # step 0.98-0.99x). In inference the in-place accumulation into the DWC output wins at any size.
+    per_head_min_agents: int = 96
 
     def __init__(
             self,
@@ -647,21 +653,29 @@ class AgentAttention(nn.Module):
             l2 = l2.add_(torch.matmul(a, bq.view(H, d, 1)).mul_(s).view(B, H * n, 1))
         # stage 1: agents aggregate V over all tokens (A b_k is constant along the softmax axis: dropped)
         v = linear(x_kv, wv, bv)
-        agent_v = torch.bmm(l1.softmax(dim=-1), v)  # (B, H*n, C): head h's agents only need its own d channels
-        if H > 1:
-            agent_v = agent_v * self._block_diagonal(H, n, d, agent_v)
+        p1 = l1.softmax(dim=-1)
         # stage 2: every token reads the agents
-        p2 = l2.reshape(B, H, n, N).softmax(dim=2).view(B, H * n, N).transpose(1, 2)
-
+        p2 = l2.reshape(B, H, n, N).softmax(dim=2)
         v_grid = v[:, P:].reshape(B, kh, kw, C).permute(0, 3, 1, 2)
         if (kh, kw) != (h, w):
             v_grid = F.interpolate(v_grid.contiguous(memory_format=torch.channels_last), size=(h, w),
                                    mode='bilinear', align_corners=False)
         dwc = getattr(self, self.dwc_name)(v_grid)
-        if P == 0 and dwc.is_contiguous(memory_format=torch.channels_last):
-            # accumulate the attention output into the (token-major) DWC output: no extra (N x C) tensor
-            return dwc.permute(0, 2, 3, 1).reshape(B, N, C).baddbmm_(p2, agent_v)
-        out = torch.bmm(p2, agent_v)
+        if H > 1 and H * n >= self.per_head_min_agents and torch.is_grad_enabled() and v.requires_grad:
+            agent_v = torch.matmul(p1.view(B, H, n, Nk), v.view(B, Nk, H, d).transpose(1, 2))  # (B, H, n, d)
+            out = torch.matmul(p2.transpose(-1, -2), agent_v).transpose(1, 2)  # (B, N, H, d) view
+            if P == 0:  # the sum lands token-major straight away
+                return torch.add(dwc.permute(0, 2, 3, 1).reshape(B, N, H, d), out).view(B, N, C)
+            out = out.reshape(B, N, C)
+        else:
+            agent_v = torch.bmm(p1, v)  # (B, H*n, C): head h's agents only need its own d channels
+            if H > 1:
+                agent_v = agent_v * self._block_diagonal(H, n, d, agent_v)
+            p2 = p2.view(B, H * n, N).transpose(1, 2)
+            if P == 0 and dwc.is_contiguous(memory_format=torch.channels_last):
+                # accumulate the attention output into the (token-major) DWC output: no extra (N x C) tensor
+                return dwc.permute(0, 2, 3, 1).reshape(B, N, C).baddbmm_(p2, agent_v)
+            out = torch.bmm(p2, agent_v)
         out[:, P:] += dwc.flatten(2).transpose(1, 2)
         return out
 
