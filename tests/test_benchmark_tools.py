@@ -97,8 +97,15 @@ def test_benchmark_train_suite(tmp_path, capsys):
     out = tmp_path / 'bench'
     assert bench.main(['--suite', 'train', '--train-models', 'agent_deit_tiny', '--train-img-size', '32', '448',
                        '--train-dtypes', 'fp32', 'bf16', '-b', '2', '--repeats', '2', '--threads', '1',
-                       '--timer', 'cpu', '--no-train-memory', '--output', str(out)]) == 0
-    rows = json.loads((out / 'benchmark.json').read_text())['train']
+                       '--timer', 'cpu', '--no-train-memory', '--train-breakdown', '--output', str(out)]) == 0
+    results = json.loads((out / 'benchmark.json').read_text())
+    rows = results['train']
+    # --train-breakdown: each candidate's profiled step split into GEMMs / shared kernels / other ops
+    assert [(r['res'], r['dtype'], r['candidate']) for r in results['train_breakdown']] == [
+        (s, d, k) for s in (32, 448) for d in ('fp32', 'bf16') for k in ('ours', 'timm')]
+    for r in results['train_breakdown']:
+        assert abs(r['gemm_pct'] + r['kernels_pct'] + r['other_pct'] - 100) < 0.5 and r['gemm_ms'] > 0
+        assert r['kernels_ms'] > 0 and 'ceiling_vs_official' not in r  # LayerNorm, GELU, softmax: in every ViT
     # batch -b up to 224², shrunk with the token count above (448²: a quarter, at least 1)
     assert [(r['res'], r['batch'], r['dtype']) for r in rows] == [(32, 2, 'fp32'), (32, 2, 'bf16'), (448, 1, 'fp32'),
                                                                   (448, 1, 'bf16')]
@@ -122,6 +129,32 @@ def test_benchmark_train_suite(tmp_path, capsys):
     assert results['train_linear'] == 'aten'
     assert row['model'] == 'sat_deit_tiny' and _positive(row['ours_mib']) and _positive(row['timm_mib'])
     assert 'fwd + loss + bwd + adamw step' in capsys.readouterr().out
+
+
+def test_benchmark_train_breakdown_classifies_ops():
+    bench = _load('benchmark')
+    a = torch.randn(384, 384)
+
+    def gemm_and_norm():  # what both sides must run
+        return F.layer_norm(a @ a, (384,))
+
+    def with_extras():  # the same plus element-wise work and copies
+        y = F.layer_norm(a @ a, (384,))
+        for _ in range(20):
+            y = (y + a).t().contiguous() * 0.5
+        return y
+
+    ours, official = bench._breakdown_rows(dict(model='m', res=1, dtype='fp32'),
+                                           {'ours': gemm_and_norm, 'official': with_extras}, repeats=2)
+    assert (ours['candidate'], official['candidate']) == ('ours', 'official')
+    assert ours['gemm_pct'] > 50 and ours['kernels_ms'] > 0  # aten::mm and aten::native_layer_norm
+    assert official['other_ms'] > 5 * ours['other_ms'] and official['other_pct'] > 50
+    # the official step over ours without its other ops
+    assert ours['ceiling_vs_official'] == pytest.approx(
+        official['profiled_ms'] / (ours['gemm_ms'] + ours['kernels_ms']), rel=0.02)
+    assert ours['ceiling_vs_official'] > 1 and 'ceiling_vs_official' not in official
+    assert bench.step_breakdown({'aten::bmm': [2.0, 1], 'aten::gelu_backward': [1.0, 2], 'aten::copy_': [0.5, 9]}) == \
+        dict(gemm=2.0, kernels=1.0, other=0.5, total=3.5)
 
 
 def test_benchmark_train_step_updates_the_model():

@@ -387,12 +387,9 @@ def _official_style_attention(self, x, grid, token_idx=None, return_attn=False, 
     return self.proj(x), out
 
 
-def _op_table(fns: Dict[str, Callable[[], object]], repeats: int, base: str) -> List[Dict]:
-    """Per-op self CPU time (ms per call of each fn) from torch.profiler, profiles interleaved across ``repeats``.
-
-    One column per fn plus, for the others, the difference to ``base`` and that difference as a percentage of
-    ``base``'s total (so the rows of one fn add up to its latency overhead). Largest first, ops under 0.5% dropped.
-    """
+def _op_times(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, Dict[str, List[float]]]:
+    """``{fn name: {op: [self CPU ms, calls]}}`` per call of each fn, from torch.profiler runs interleaved across
+    ``repeats``."""
     from torch.profiler import ProfilerActivity, profile
     per: Dict[str, Dict[str, List[float]]] = {name: {} for name in fns}
     for _ in range(repeats):
@@ -403,6 +400,16 @@ def _op_table(fns: Dict[str, Callable[[], object]], repeats: int, base: str) -> 
                 acc = per[name].setdefault(e.key, [0., 0.])
                 acc[0] += e.self_cpu_time_total / repeats / 1e3
                 acc[1] += e.count / repeats
+    return per
+
+
+def _op_table(fns: Dict[str, Callable[[], object]], repeats: int, base: str) -> List[Dict]:
+    """Per-op self CPU time (ms per call of each fn) from torch.profiler, profiles interleaved across ``repeats``.
+
+    One column per fn plus, for the others, the difference to ``base`` and that difference as a percentage of
+    ``base``'s total (so the rows of one fn add up to its latency overhead). Largest first, ops under 0.5% dropped.
+    """
+    per = _op_times(fns, repeats)
     total = {name: sum(v[0] for v in d.values()) for name, d in per.items()}
     ops = sorted({o for d in per.values() for o in d}, key=lambda o: -max(d.get(o, [0.])[0] for d in per.values()))
     rows = []
@@ -663,7 +670,7 @@ def suite_train(args, results: Dict) -> None:
     """
     clock = CLOCKS[args.timer]
     what = 'fwd + loss + bwd' + ('' if args.train_opt == 'none' else f' + {args.train_opt} step')
-    rows = []
+    rows, breakdown = [], []
     for name in list_models(args.train_models):
         for s in args.train_img_size:
             b = max(1, round(args.batch_size * min(1.0, 224 * 224 / (s * s))))
@@ -687,6 +694,8 @@ def suite_train(args, results: Dict) -> None:
                         row[f'{k}_ms'] = round(statistics.median(times[k]) * 1e3, 1)
                         row[f'speed_{label}'] = round(statistics.median(
                             [a / o for a, o in zip(times[k], times['ours'])]), 3)
+                if args.train_breakdown:
+                    breakdown += _breakdown_rows(row, steps, repeats=2)
                 if args.train_memory:
                     for k in steps:
                         row[f'{k}_mib'] = _train_peak_rss(name, s, k, b, dtype, args)
@@ -699,6 +708,48 @@ def suite_train(args, results: Dict) -> None:
     print_table(f'training step ({what}), ms per step, CPU, {torch.get_num_threads()} threads, {args.timer} time, '
                 f'median of {args.repeats} interleaved (speed = baseline / ours); peak RSS of one step in MiB', rows,
                 args.out)
+    if breakdown:
+        results['train_breakdown'] = breakdown
+        # GEMMs, the kernels every side shares (LayerNorm, GELU, softmax, convolutions) and the other ops
+        print_table('training step breakdown (profiled self CPU ms per step, mean of 2; ceiling_vs_official = '
+                    'official step / (our GEMMs + kernels))', breakdown, args.out)
+
+
+# Op classes of the training-step breakdown (--train-breakdown). GEMMs: every matrix product, including oneDNN's
+# linear. Kernels: the ops both sides of a comparison must run with the same aten kernels whatever the model code
+# does (LayerNorm, GELU, softmax and the convolutions, forward and backward). Other: the rest (copies and casts,
+# element-wise adds and muls, reductions, pooling, allocation, autograd and dispatch overhead).
+GEMM_OPS = frozenset({'aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::addbmm', 'aten::_addmm_activation',
+                      'mkldnn::_linear_pointwise'})
+KERNEL_OPS = frozenset({'aten::native_layer_norm', 'aten::native_layer_norm_backward', 'aten::gelu',
+                        'aten::gelu_backward', 'aten::_softmax', 'aten::_softmax_backward_data',
+                        'aten::mkldnn_convolution', 'aten::convolution_backward'})
+
+
+def step_breakdown(ops: Dict[str, List[float]]) -> Dict[str, float]:
+    """Split one step's per-op self times (``{op: [ms, calls]}``) into GEMM / kernel / other ms (see GEMM_OPS)."""
+    out = dict(gemm=0.0, kernels=0.0, other=0.0)
+    for op, (ms, _) in ops.items():
+        out['gemm' if op in GEMM_OPS else 'kernels' if op in KERNEL_OPS else 'other'] += ms
+    out['total'] = sum(out.values())
+    return out
+
+
+def _breakdown_rows(row: Dict, steps: Dict[str, Callable[[], torch.Tensor]], repeats: int) -> List[Dict]:
+    """One row per candidate: profiled step time split into GEMMs / kernels / other (ms and % of its step). The
+    'ours' row gets ``ceiling_vs_official``: the official profiled step over ours with only its GEMMs and kernels left,
+    i.e. the speed-up vitzoo would reach if every other op of its step took no time."""
+    split = {k: step_breakdown(ops) for k, ops in _op_times(steps, repeats).items()}
+    rows = []
+    for k, b in split.items():
+        r = dict(model=row['model'], res=row['res'], dtype=row['dtype'], candidate=k, profiled_ms=round(b['total'], 1))
+        for c in ('gemm', 'kernels', 'other'):
+            r[f'{c}_ms'] = round(b[c], 1)
+            r[f'{c}_pct'] = round(100 * b[c] / b['total'], 1)
+        if k == 'ours' and 'official' in split:
+            r['ceiling_vs_official'] = round(split['official']['total'] / (b['gemm'] + b['kernels']), 3)
+        rows.append(r)
+    return rows
 
 
 def _train_peak_rss(name: str, size: int, which: str, batch: int, dtype: str, args) -> float:
@@ -804,6 +855,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument('--train-linear', default='onednn', choices=['onednn', 'aten'],
                    help="train suite: vitzoo's linear layers with oneDNN training GEMMs (default) or aten's F.linear "
                         '(the ablation: how much of the speed-up is the GEMM backend)')
+    p.add_argument('--train-breakdown', action='store_true',
+                   help='train suite: also profile each step (torch.profiler) and split it into GEMMs, the kernels '
+                        'every side shares (LayerNorm, GELU, softmax, convolutions) and other ops, with the speed-up '
+                        'ceiling left to vitzoo once its other ops cost nothing')
     p.add_argument('--no-train-memory', dest='train_memory', action='store_false',
                    help='train suite: skip the peak-memory probes (one child process per candidate)')
     p.add_argument('--timer', default='wall', choices=sorted(CLOCKS),
