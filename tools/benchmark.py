@@ -719,8 +719,8 @@ def suite_train(args, results: Dict) -> None:
 # linear. Kernels: the ops both sides of a comparison must run with the same aten kernels whatever the model code
 # does (LayerNorm, GELU, softmax and the convolutions, forward and backward). Other: the rest (copies and casts,
 # element-wise adds and muls, reductions, pooling, allocation, autograd and dispatch overhead).
-GEMM_OPS = frozenset({'aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::addbmm', 'aten::_addmm_activation',
-                      'mkldnn::_linear_pointwise'})
+GEMM_OPS = frozenset({'aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::addbmm',
+                      'aten::_addmm_activation', 'mkldnn::_linear_pointwise'})
 KERNEL_OPS = frozenset({'aten::native_layer_norm', 'aten::native_layer_norm_backward', 'aten::gelu',
                         'aten::gelu_backward', 'aten::_softmax', 'aten::_softmax_backward_data',
                         'aten::mkldnn_convolution', 'aten::convolution_backward'})
