@@ -388,8 +388,8 @@ def _official_style_attention(self, x, grid, token_idx=None, return_attn=False, 
 
 
 def _op_times(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, Dict[str, List[float]]]:
-    """``{fn name: {op: [self CPU ms, calls]}}`` per call of each fn, from torch.profiler runs interleaved across
-    ``repeats``."""
+    """``{fn name: {op: [self CPU ms, calls, CPU ms including child ops]}}`` per call of each fn, from torch.profiler
+    runs interleaved across ``repeats``."""
     from torch.profiler import ProfilerActivity, profile
     per: Dict[str, Dict[str, List[float]]] = {name: {} for name in fns}
     for _ in range(repeats):
@@ -397,9 +397,10 @@ def _op_times(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, D
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 fn()
             for e in prof.key_averages():
-                acc = per[name].setdefault(e.key, [0., 0.])
+                acc = per[name].setdefault(e.key, [0., 0., 0.])
                 acc[0] += e.self_cpu_time_total / repeats / 1e3
                 acc[1] += e.count / repeats
+                acc[2] += e.cpu_time_total / repeats / 1e3
     return per
 
 
@@ -710,44 +711,56 @@ def suite_train(args, results: Dict) -> None:
                 args.out)
     if breakdown:
         results['train_breakdown'] = breakdown
-        # GEMMs, the kernels every side shares (LayerNorm, GELU, softmax, convolutions) and the other ops
-        print_table('training step breakdown (profiled self CPU ms per step, mean of 2; ceiling_vs_official = '
-                    'official step / (our GEMMs + kernels))', breakdown, args.out)
+        # shares of GEMMs, shared kernels (LayerNorm, GELU, softmax, convolutions), casts, adds / sums and the rest
+        print_table('training step breakdown (profiled CPU ms per step, mean of 2, and % per op class; '
+                    'ceiling_vs_official = official step / our floor)', breakdown, args.out)
 
 
 # Op classes of the training-step breakdown (--train-breakdown). GEMMs: every matrix product, including oneDNN's
-# linear. Kernels: the ops both sides of a comparison must run with the same aten kernels whatever the model code
-# does (LayerNorm, GELU, softmax and the convolutions, forward and backward). Other: the rest (copies and casts,
-# element-wise adds and muls, reductions, pooling, allocation, autograd and dispatch overhead).
+# linear. Kernels: the ops both sides of a comparison run with the same aten kernels whatever the model code does
+# (LayerNorm, GELU, softmax and the convolutions, forward and backward). Casts: the dtype conversions (autocast's casts
+# of weights and activations and of their gradients; timed with the copies they make). Adds / sums: element-wise adds
+# (residual connections, biases, gradient accumulation) and sums (bias gradients). Other: the rest (layout copies,
+# pooling, fills, allocation, autograd and dispatch overhead).
 GEMM_OPS = frozenset({'aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::addbmm',
                       'aten::_addmm_activation', 'mkldnn::_linear_pointwise'})
 KERNEL_OPS = frozenset({'aten::native_layer_norm', 'aten::native_layer_norm_backward', 'aten::gelu',
                         'aten::gelu_backward', 'aten::_softmax', 'aten::_softmax_backward_data',
                         'aten::mkldnn_convolution', 'aten::convolution_backward'})
+CAST_OP = 'aten::_to_copy'
+ADD_SUM_OPS = frozenset({'aten::add', 'aten::add_', 'aten::sum'})
+BREAKDOWN = ('gemm', 'kernels', 'casts', 'adds_sums', 'other')
 
 
 def step_breakdown(ops: Dict[str, List[float]]) -> Dict[str, float]:
-    """Split one step's per-op self times (``{op: [ms, calls]}``) into GEMM / kernel / other ms (see GEMM_OPS)."""
-    out = dict(gemm=0.0, kernels=0.0, other=0.0)
-    for op, (ms, _) in ops.items():
-        out['gemm' if op in GEMM_OPS else 'kernels' if op in KERNEL_OPS else 'other'] += ms
+    """Split one step's profile (``{op: [self ms, calls, ms with child ops]}``) into the ms of each BREAKDOWN class
+    (see GEMM_OPS) and their total. A cast is counted with its child copy, the other classes by self time."""
+    out = dict.fromkeys(BREAKDOWN, 0.0)
+    for op, (ms, _, _) in ops.items():
+        out['gemm' if op in GEMM_OPS else 'kernels' if op in KERNEL_OPS else
+            'adds_sums' if op in ADD_SUM_OPS else 'other'] += ms
     out['total'] = sum(out.values())
+    if CAST_OP in ops:  # move the casts' time, children included (copy_, empty_strided: in 'other'), out of 'other'
+        out['casts'] = ops[CAST_OP][2]
+        out['other'] -= out['casts']
     return out
 
 
 def _breakdown_rows(row: Dict, steps: Dict[str, Callable[[], torch.Tensor]], repeats: int) -> List[Dict]:
-    """One row per candidate: profiled step time split into GEMMs / kernels / other (ms and % of its step). The
-    'ours' row gets ``ceiling_vs_official``: the official profiled step over ours with only its GEMMs and kernels left,
-    i.e. the speed-up vitzoo would reach if every other op of its step took no time."""
+    """One row per candidate: its profiled step and the share of each BREAKDOWN class. The 'ours' row also gets
+    ``floor_ms`` (its GEMMs, kernels, casts, adds and sums) and ``ceiling_vs_official`` (the official profiled step /
+    floor_ms): the speed-up vitzoo would reach if everything else in its step (layout copies, pooling, fills,
+    allocation, autograd and dispatch overhead) cost nothing."""
     split = {k: step_breakdown(ops) for k, ops in _op_times(steps, repeats).items()}
     rows = []
     for k, b in split.items():
         r = dict(model=row['model'], res=row['res'], dtype=row['dtype'], candidate=k, profiled_ms=round(b['total'], 1))
-        for c in ('gemm', 'kernels', 'other'):
-            r[f'{c}_ms'] = round(b[c], 1)
+        for c in BREAKDOWN:
             r[f'{c}_pct'] = round(100 * b[c] / b['total'], 1)
         if k == 'ours' and 'official' in split:
-            r['ceiling_vs_official'] = round(split['official']['total'] / (b['gemm'] + b['kernels']), 3)
+            floor = b['total'] - b['other']
+            r['floor_ms'] = round(floor, 1)
+            r['ceiling_vs_official'] = round(split['official']['total'] / floor, 3)
         rows.append(r)
     return rows
 
@@ -857,8 +870,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         '(the ablation: how much of the speed-up is the GEMM backend)')
     p.add_argument('--train-breakdown', action='store_true',
                    help='train suite: also profile each step (torch.profiler) and split it into GEMMs, the kernels '
-                        'every side shares (LayerNorm, GELU, softmax, convolutions) and other ops, with the speed-up '
-                        'ceiling left to vitzoo once its other ops cost nothing')
+                        'every side shares (LayerNorm, GELU, softmax, convolutions), casts, adds / sums and the rest, '
+                        'with the speed-up ceiling left to vitzoo if that rest cost nothing')
     p.add_argument('--no-train-memory', dest='train_memory', action='store_false',
                    help='train suite: skip the peak-memory probes (one child process per candidate)')
     p.add_argument('--timer', default='wall', choices=sorted(CLOCKS),
