@@ -161,6 +161,10 @@ def test_benchmark_train_breakdown_classifies_ops():
     # at least the profiled ratio itself (the floor is part of ours' step), and only on ours' row
     assert ours['ceiling_vs_official'] >= 0.99 * official['profiled_ms'] / ours['profiled_ms'] > 1.2
     assert 'ceiling_vs_official' not in official
+    # every class names real ops (a typo would silently move an op to 'other')
+    for op in bench.GEMM_OPS | bench.KERNEL_OPS | bench.ADD_SUM_OPS | {bench.CAST_OP}:
+        ns, name = op.split('::')
+        assert hasattr(getattr(torch.ops, ns), name), op
     # a cast counts with its child copy (moved out of 'other'); the rest by self time
     assert bench.step_breakdown({'aten::bmm': [2.0, 1, 2.0], 'aten::gelu_backward': [1.0, 2, 1.0],
                                  'aten::_to_copy': [0.1, 3, 0.4], 'aten::copy_': [0.5, 9, 0.5],

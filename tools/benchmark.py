@@ -717,8 +717,8 @@ def suite_train(args, results: Dict) -> None:
 
 
 # Op classes of the training-step breakdown (--train-breakdown). GEMMs: every matrix product, including oneDNN's
-# linear. Kernels: the ops both sides of a comparison run with the same aten kernels whatever the model code does
-# (LayerNorm, GELU, softmax and the convolutions, forward and backward). Casts: the dtype conversions (autocast's casts
+# linear. Kernels: the other compute kernels, the same aten kernels whatever model code calls them (LayerNorm, GELU,
+# softmax, fused attention (SDPA) and the convolutions, forward and backward). Casts: the dtype conversions (autocast's casts
 # of weights and activations and of their gradients; timed with the copies they make). Adds / sums: element-wise adds
 # (residual connections, biases, gradient accumulation) and sums (bias gradients). Other: the rest (layout copies,
 # pooling, fills, allocation, autograd and dispatch overhead).
@@ -726,7 +726,9 @@ GEMM_OPS = frozenset({'aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', '
                       'aten::_addmm_activation', 'mkldnn::_linear_pointwise'})
 KERNEL_OPS = frozenset({'aten::native_layer_norm', 'aten::native_layer_norm_backward', 'aten::gelu',
                         'aten::gelu_backward', 'aten::_softmax', 'aten::_softmax_backward_data',
-                        'aten::mkldnn_convolution', 'aten::convolution_backward'})
+                        'aten::mkldnn_convolution', 'aten::convolution_backward'} | {
+    f'aten::_scaled_dot_product_{k}{b}' for k in ('flash_attention', 'efficient_attention', 'cudnn_attention',
+                                                  'flash_attention_for_cpu') for b in ('', '_backward')})
 CAST_OP = 'aten::_to_copy'
 ADD_SUM_OPS = frozenset({'aten::add', 'aten::add_', 'aten::sum'})
 BREAKDOWN = ('gemm', 'kernels', 'casts', 'adds_sums', 'other')
