@@ -21,6 +21,9 @@ Suites (``--suite``, several allowed):
               its own training forward and loss (TAP: CE + ADL, SAT: CE + area + normalization, Sparsifiner: its
               phase-2 distillation; the agent models: CE). ``--official-dir`` takes any of the official checkouts
               (Agent-Attention, SAT, Sparsifiner, TAPADL); the official CSwin needs ``einops``, Sparsifiner ``yacs``.
+              ``--train-breakdown`` profiles each step and splits it into GEMMs, compute kernels (LayerNorm, GELU,
+              softmax, SDPA, convolutions), casts, adds / sums and the rest, with the speed-up ceiling over the
+              official step if that rest cost vitzoo nothing.
   compile     ``torch.compile`` (inductor) vs eager for ``--compile-models``: the first call's compile time, then eval
               (no-grad forward) and training-step (fp32, fwd + loss + bwd) medians of interleaved calls, and the
               max |diff| of the compiled logits (the speed-up is per model and machine: measure, do not assume).
