@@ -714,15 +714,15 @@ def suite_train(args, results: Dict) -> None:
                 args.out)
     if breakdown:
         results['train_breakdown'] = breakdown
-        # shares of GEMMs, shared kernels (LayerNorm, GELU, softmax, convolutions), casts, adds / sums and the rest
+        # shares of GEMMs, compute kernels, casts, adds / sums and the rest (see GEMM_OPS)
         print_table('training step breakdown (profiled CPU ms per step, mean of 2, and % per op class; '
                     'ceiling_vs_official = official step / our floor)', breakdown, args.out)
 
 
 # Op classes of the training-step breakdown (--train-breakdown). GEMMs: every matrix product, including oneDNN's
 # linear. Kernels: the other compute kernels, the same aten kernels whatever model code calls them (LayerNorm, GELU,
-# softmax, fused attention (SDPA) and the convolutions, forward and backward). Casts: the dtype conversions (autocast's casts
-# of weights and activations and of their gradients; timed with the copies they make). Adds / sums: element-wise adds
+# softmax, fused attention (SDPA) and the convolutions, forward and backward). Casts: the dtype conversions
+# (autocast's casts of weights and activations and of their gradients; timed with the copies they make). Adds / sums: element-wise adds
 # (residual connections, biases, gradient accumulation) and sums (bias gradients). Other: the rest (layout copies,
 # pooling, fills, allocation, autograd and dispatch overhead).
 GEMM_OPS = frozenset({'aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::addbmm',
@@ -874,8 +874,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train suite: vitzoo's linear layers with oneDNN training GEMMs (default) or aten's F.linear "
                         '(the ablation: how much of the speed-up is the GEMM backend)')
     p.add_argument('--train-breakdown', action='store_true',
-                   help='train suite: also profile each step (torch.profiler) and split it into GEMMs, the kernels '
-                        'every side shares (LayerNorm, GELU, softmax, convolutions), casts, adds / sums and the rest, '
+                   help='train suite: also profile each step (torch.profiler) and split it into GEMMs, compute '
+                        'kernels (LayerNorm, GELU, softmax, SDPA, convolutions), casts, adds / sums and the rest, '
                         'with the speed-up ceiling left to vitzoo if that rest cost nothing')
     p.add_argument('--no-train-memory', dest='train_memory', action='store_false',
                    help='train suite: skip the peak-memory probes (one child process per candidate)')
