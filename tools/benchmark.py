@@ -722,9 +722,9 @@ def suite_train(args, results: Dict) -> None:
 # Op classes of the training-step breakdown (--train-breakdown). GEMMs: every matrix product, including oneDNN's
 # linear. Kernels: the other compute kernels, the same aten kernels whatever model code calls them (LayerNorm, GELU,
 # softmax, fused attention (SDPA) and the convolutions, forward and backward). Casts: the dtype conversions
-# (autocast's casts of weights and activations and of their gradients; timed with the copies they make). Adds / sums: element-wise adds
-# (residual connections, biases, gradient accumulation) and sums (bias gradients). Other: the rest (layout copies,
-# pooling, fills, allocation, autograd and dispatch overhead).
+# (autocast's casts of weights and activations and of their gradients; timed with the copies they make). Adds / sums:
+# element-wise adds (residual connections, biases, gradient accumulation) and sums (bias gradients). Other: the rest
+# (layout copies, pooling, fills, allocation, autograd and dispatch overhead).
 GEMM_OPS = frozenset({'aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', 'aten::addbmm',
                       'aten::_addmm_activation', 'mkldnn::_linear_pointwise'})
 KERNEL_OPS = frozenset({'aten::native_layer_norm', 'aten::native_layer_norm_backward', 'aten::gelu',
