@@ -32,6 +32,8 @@ Beyond the official code:
   where the last term is constant along the softmax axis and drops out. Only V (needed by the DWC anyway) is
   projected: two of the three (N x C x C) projections and their (N x C) outputs disappear, the attention is three
   GEMMs whose output width is the H·n agent logits, and the second stage accumulates straight into the DWC output.
+  Under autograd with many agents (``per_head_min_agents``) the value stages run per head instead of as
+  block-diagonal (H·n x C) products, whose H-fold FLOPs are then no longer hidden by memory traffic.
 
 This module imports only torch.
 """
