@@ -115,8 +115,6 @@ OFFICIAL_REPOS = {
 
 def official_checkouts(dirs: Optional[Sequence[str]]) -> Dict[str, Path]:
     """``{repository kind: checkout root}`` of the ``--official-dir`` folders (any order, any subset)."""
-    if isinstance(dirs, (str, Path)):
-        dirs = [dirs]
     found = {}
     for d in dirs or ():
         root = Path(d).expanduser()
